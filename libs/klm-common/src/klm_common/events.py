@@ -1,0 +1,293 @@
+"""Every event of the public contract, as frozen pydantic models — defined here and nowhere else.
+
+An event's ``type`` names its payload class through :data:`EVENT_TYPES`; look a class up
+by that name (``GenerateKey`` is the data of ``klm.request.generate_key``). Facts carry
+metadata only — never private or secret key material.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from klm_common.envelope import SCHEMA_VERSION, CloudEvent, validation_message
+from klm_common.errors import RequestInvalid, UnknownRequestType, UnsupportedSchemaVersion
+
+KEY_ID_PATTERN = r"^klm:key:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+OWNER_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+KeyId = str
+
+
+class EventData(BaseModel):
+    """Base of every payload; ``event_type`` is the CloudEvent ``type`` it travels under."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    event_type: ClassVar[str]
+
+
+# ============================== requests (topic klm.requests) ==============================
+class GenerateKey(EventData):
+    event_type = "klm.request.generate_key"
+    owner: str = Field(pattern=OWNER_PATTERN, description="tenant that owns the key")
+    name: str = Field(min_length=1, max_length=200)
+    algorithm: str = Field(min_length=1, max_length=32)
+    size: int | None = Field(default=None, ge=1, le=16384)
+    curve: str | None = Field(default=None, max_length=32)
+    usages: list[str] | None = Field(default=None, max_length=8)
+    protection: Literal["hsm-wrapped", "hsm-resident"] = "hsm-wrapped"
+    policy: str | None = Field(default=None, max_length=100)
+    profile: str | None = Field(default=None, max_length=100)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=32)
+    activation_date: datetime | None = None
+    subject: dict[str, str] | None = Field(default=None, description="CSR subject, profiles")
+    sans: list[str] | None = Field(default=None, max_length=100)
+
+
+class _KeyRequest(EventData):
+    key_id: KeyId = Field(pattern=KEY_ID_PATTERN)
+    reason: str | None = Field(default=None, max_length=500)
+
+
+class RotateKey(_KeyRequest):
+    event_type = "klm.request.rotate_key"
+
+
+class SuspendKey(_KeyRequest):
+    event_type = "klm.request.suspend_key"
+
+
+class ReactivateKey(_KeyRequest):
+    event_type = "klm.request.reactivate_key"
+
+
+class RevokeKey(EventData):
+    event_type = "klm.request.revoke_key"
+    key_id: KeyId = Field(pattern=KEY_ID_PATTERN)
+    reason: Literal["compromised", "superseded", "cessation"]
+    compromise_date: datetime | None = None
+    comment: str | None = Field(default=None, max_length=500)
+
+
+class ScheduleDestruction(_KeyRequest):
+    event_type = "klm.request.schedule_destruction"
+    waiting_days: int = Field(default=30, ge=7, le=30)
+    override: bool = False
+
+
+class CancelDestruction(_KeyRequest):
+    event_type = "klm.request.cancel_destruction"
+
+
+class BackupKey(_KeyRequest):
+    event_type = "klm.request.backup_key"
+    version: int | None = Field(default=None, ge=1)
+
+
+class RestoreKey(_KeyRequest):
+    event_type = "klm.request.restore_key"
+    version: int | None = Field(default=None, ge=1)
+
+
+# ===================== internal commands to keygen (topic klm.commands) =====================
+class DestroyKey(_KeyRequest):
+    """Sent by rotation when a scheduled destruction is due."""
+
+    event_type = "klm.command.destroy_key"
+
+
+class DeactivateVersion(EventData):
+    """Sent by rotation when an old version's process-only period ends."""
+
+    event_type = "klm.command.deactivate_version"
+    key_id: KeyId = Field(pattern=KEY_ID_PATTERN)
+    version: int = Field(ge=1)
+
+
+# ============================ facts (topic klm.lifecycle) ============================
+class KeyMetadata(EventData):
+    """What every fact about a key says about it (no material, ever)."""
+
+    key_id: KeyId
+    owner: str
+    state: str
+
+
+class KeyGenerated(KeyMetadata):
+    event_type = "klm.key.generated"
+    name: str
+    algorithm: str
+    size: int
+    curve: str | None = None
+    usages: list[str]
+    protection: str
+    policy: str | None = None
+    profile: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    version: int
+    created_at: datetime
+    activation_date: datetime | None = None
+    protect_until: datetime | None = None
+    public_key_pem: str | None = None
+    fingerprint_sha256: str | None = Field(default=None, description="SHA-256 of the SPKI, hex")
+    kcv: str | None = Field(default=None, description="key check value of a secret key, hex")
+    csr_pem: str | None = None
+
+
+class KeyActivated(KeyMetadata):
+    event_type = "klm.key.activated"
+    version: int
+    activation_date: datetime
+
+
+class KeyRotated(KeyMetadata):
+    event_type = "klm.key.rotated"
+    version: int
+    previous_version: int
+    created_at: datetime
+    public_key_pem: str | None = None
+    fingerprint_sha256: str | None = None
+    kcv: str | None = None
+    csr_pem: str | None = None
+    reason: str | None = None
+
+
+class KeyVersionDeactivated(KeyMetadata):
+    event_type = "klm.key.version_deactivated"
+    version: int
+
+
+class _StateChange(KeyMetadata):
+    previous_state: str
+    reason: str | None = None
+
+
+class KeySuspended(_StateChange):
+    event_type = "klm.key.suspended"
+
+
+class KeyReactivated(_StateChange):
+    event_type = "klm.key.reactivated"
+
+
+class KeyCompromised(_StateChange):
+    event_type = "klm.key.compromised"
+    compromise_date: datetime | None = None
+
+
+class KeyDeactivated(_StateChange):
+    event_type = "klm.key.deactivated"
+
+
+class DestructionScheduled(KeyMetadata):
+    event_type = "klm.key.destruction_scheduled"
+    destroy_after: datetime
+    waiting_days: int
+    override: bool = False
+
+
+class DestructionCancelled(KeyMetadata):
+    event_type = "klm.key.destruction_cancelled"
+
+
+class KeyDestroyed(_StateChange):
+    event_type = "klm.key.destroyed"
+    versions: list[int]
+    evidence: dict[str, Any] = Field(default_factory=dict)
+
+
+class KeyBackedUp(KeyMetadata):
+    event_type = "klm.key.backed_up"
+    version: int
+    backup_id: str | None = None
+    skipped: bool = False
+    skip_reason: str | None = None
+
+
+class KeyRestored(KeyMetadata):
+    event_type = "klm.key.restored"
+    version: int
+    backup_id: str
+
+
+class PolicyViolation(EventData):
+    event_type = "klm.key.policy_violation"
+    key_id: KeyId
+    owner: str
+    code: str
+    severity: Literal["info", "low", "medium", "high", "critical"]
+    rule: str
+    evidence: dict[str, Any] = Field(default_factory=dict)
+    cleared: bool = False
+
+
+class UsageDenied(EventData):
+    event_type = "klm.key.usage_denied"
+    key_id: KeyId
+    owner: str
+    operation: str
+    code: str
+    requester: str
+    version: int | None = None
+
+
+class AuditCheckpoint(EventData):
+    event_type = "klm.audit.checkpoint"
+    sequence: int
+    head_hash: str
+    signature: str | None = None
+    signing_key_id: str | None = None
+
+
+class RequestRejected(EventData):
+    """The one answer to a request that KLM will not carry out."""
+
+    event_type = "klm.request.rejected"
+    code: str
+    message: str
+    request_type: str
+    key_id: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class DeadLetter(EventData):
+    """What ``klm.dlq`` holds: the original bytes, where they came from and why they are here."""
+
+    event_type = "klm.dlq.dead_letter"
+    original_b64: str
+    original_key_b64: str | None = None
+    topic: str
+    partition: int
+    offset: int
+    error: str
+    consumer: str
+
+
+EVENT_TYPES: dict[str, type[EventData]] = {
+    cls.event_type: cls
+    for cls in (
+        GenerateKey, RotateKey, SuspendKey, ReactivateKey, RevokeKey, ScheduleDestruction,
+        CancelDestruction, BackupKey, RestoreKey, DestroyKey, DeactivateVersion,
+        KeyGenerated, KeyActivated, KeyRotated, KeyVersionDeactivated, KeySuspended,
+        KeyReactivated, KeyCompromised, KeyDeactivated, DestructionScheduled,
+        DestructionCancelled, KeyDestroyed, KeyBackedUp, KeyRestored, PolicyViolation,
+        UsageDenied, AuditCheckpoint, RequestRejected, DeadLetter,
+    )
+}
+REQUEST_TYPES = frozenset(t for t in EVENT_TYPES if t.startswith("klm.request.")) - {
+    RequestRejected.event_type}
+
+
+def parse_data(event: CloudEvent) -> EventData:
+    """Typed payload of an envelope; coded :class:`RequestInvalid` errors for bad payloads."""
+    if event.klmschema > SCHEMA_VERSION or event.klmschema < 1:
+        raise UnsupportedSchemaVersion(
+            f"klmschema {event.klmschema} is not supported (this KLM reads 1..{SCHEMA_VERSION})")
+    cls = EVENT_TYPES.get(event.type)
+    if cls is None:
+        raise UnknownRequestType(f"unknown event type {event.type!r}")
+    try:
+        return cls.model_validate(event.data)
+    except ValidationError as exc:
+        raise RequestInvalid(f"{event.type}: {validation_message(exc)}") from None

@@ -1,0 +1,155 @@
+"""Kafka plumbing shared by the services: broker factory, topics, record decoding, DLQ.
+
+Delivery rules (DESIGN §3): idempotent producer with ``acks=all``; consumers never
+auto-commit — a batch's offsets are committed only after the handler returned, i.e. after
+its effects are durable (``AckPolicy.NACK_ON_ERROR``: an exception leaves the batch
+uncommitted and it is delivered again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from faststream.kafka import KafkaBroker
+from faststream.middlewares import AckPolicy
+
+from klm_common.envelope import CloudEvent, EnvelopeInvalid, make_event, parse_envelope
+from klm_common.events import DeadLetter
+from klm_common.settings import KlmSettings
+from klm_common.topics import Topics
+
+log = logging.getLogger(__name__)
+
+#: uuid5 namespace for ids derived from a record's position (DLQ records, replies)
+KLM_NAMESPACE = uuid.UUID("5b0f5c8e-2a4e-4c57-9a59-6f3f0f1b4a11")
+
+
+def make_broker(settings: KlmSettings, client_id: str, **kwargs: Any) -> KafkaBroker:
+    """A FastStream broker with KLM's delivery settings."""
+    return KafkaBroker(
+        settings.kafka_bootstrap,
+        client_id=client_id,
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=2,
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+        graceful_timeout=15.0,
+        **kwargs,
+    )
+
+
+def make_producer(settings: KlmSettings, client_id: str) -> AIOKafkaProducer:
+    """A raw idempotent producer (the outbox relay batches its sends with it)."""
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        client_id=client_id,
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=2,
+        max_batch_size=256 * 1024,
+        request_timeout_ms=30000,
+    )
+
+
+async def ensure_topics(settings: KlmSettings, topics: Topics | None = None) -> None:
+    """Create the KLM topics with their partition counts if they do not exist yet."""
+    topics = topics or Topics(settings.topic_prefix)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [NewTopic(name, num_partitions=n, replication_factor=1)
+                  for name, n in topics.all().items() if name not in existing]
+        if wanted:
+            try:
+                await admin.create_topics(wanted)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        await admin.close()
+
+
+def subscriber_options(settings: KlmSettings, group_id: str) -> dict[str, Any]:
+    """Batch consumer options shared by every KLM subscriber."""
+    return {
+        "batch": True,
+        "group_id": group_id,
+        "auto_offset_reset": "earliest",
+        "max_records": settings.batch_max_records,
+        "batch_timeout_ms": settings.batch_timeout_ms,
+        "decoder": raw_records,
+        "session_timeout_ms": 30000,
+        "heartbeat_interval_ms": 3000,
+        "max_poll_interval_ms": 300000,
+    }
+
+
+async def raw_records(msg: Any) -> Any:
+    """FastStream decoder that hands handlers the aiokafka records untouched (we parse)."""
+    return msg.raw_message
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """One record that parsed as a CloudEvent, with where it came from."""
+
+    event: CloudEvent
+    record: ConsumerRecord[bytes, bytes]
+
+
+def dead_letter_id(record: ConsumerRecord[bytes, bytes]) -> str:
+    """Deterministic, so a redelivered bad record makes an identical DLQ event."""
+    return str(uuid.uuid5(KLM_NAMESPACE, f"{record.topic}/{record.partition}/{record.offset}"))
+
+
+class DeadLetters:
+    """Publishes unparseable input to ``klm.dlq`` and waits until Kafka has it (acks=all)."""
+
+    def __init__(self, broker: KafkaBroker, topics: Topics, consumer: str) -> None:
+        self._broker = broker
+        self._topic = topics.dlq
+        self._consumer = consumer
+        self.count = 0
+
+    def letter(self, record: ConsumerRecord[bytes, bytes], error: str) -> CloudEvent:
+        data = DeadLetter(
+            original_b64=base64.b64encode(record.value or b"").decode(),
+            original_key_b64=base64.b64encode(record.key).decode() if record.key else None,
+            topic=record.topic, partition=record.partition, offset=record.offset,
+            error=error[:2000], consumer=self._consumer)
+        return make_event(DeadLetter.event_type, data, source=f"klm/{self._consumer}",
+                          event_id=dead_letter_id(record))
+
+    async def publish(self, letters: Sequence[CloudEvent]) -> None:
+        if not letters:
+            return
+        await asyncio.gather(*(
+            self._broker.publish(ev.to_bytes(), self._topic, key=ev.id.encode(),
+                                 headers={"content-type": "application/cloudevents+json"})
+            for ev in letters))
+        self.count += len(letters)
+        log.warning("sent %d record(s) to %s", len(letters), self._topic)
+
+
+async def split_batch(
+    records: Iterable[ConsumerRecord[bytes, bytes]], dead_letters: DeadLetters,
+) -> list[Inbound]:
+    """Parse a batch: good records are returned, the rest are in the DLQ before this returns."""
+    good: list[Inbound] = []
+    bad: list[CloudEvent] = []
+    for record in records:
+        try:
+            good.append(Inbound(parse_envelope(record.value), record))
+        except EnvelopeInvalid as exc:
+            bad.append(dead_letters.letter(record, exc.message))
+    await dead_letters.publish(bad)
+    return good

@@ -1,0 +1,69 @@
+"""OpenTelemetry bootstrap: traces and metrics for one service.
+
+* traces: OTLP/HTTP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set, console when
+  ``KLM_OTEL_CONSOLE=1``; trace context travels in the Kafka record headers
+  (``traceparent``/``tracestate``, W3C) — see :mod:`klm_common.outbox`.
+* metrics: a Prometheus reader (scraped at the service's ``/metrics``) and OTLP if set.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from opentelemetry import metrics, trace
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+VERSION = "0.1.0"
+
+
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+
+    def tracer(self, name: str) -> trace.Tracer:
+        return self.tracer_provider.get_tracer(name, VERSION)
+
+    def meter(self, name: str) -> metrics.Meter:
+        return self.meter_provider.get_meter(name, VERSION)
+
+    def shutdown(self) -> None:
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+
+
+_current: Telemetry | None = None
+
+
+def setup_telemetry(service: str) -> Telemetry:
+    """Create (once per process) the providers for ``service`` and make them global."""
+    global _current  # noqa: PLW0603 - one SDK setup per process, like the OTel globals
+    if _current is not None:
+        return _current
+    resource = Resource.create({
+        "service.name": f"klm-{service}",
+        "service.namespace": "klm",
+        "service.version": VERSION,
+        "service.instance.id": f"{os.uname().nodename}-{os.getpid()}",
+    })
+    tracer_provider = TracerProvider(resource=resource)
+    readers: list[MetricReader] = [PrometheusMetricReader()]
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+    if os.environ.get("KLM_OTEL_CONSOLE") == "1":
+        tracer_provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    trace.set_tracer_provider(tracer_provider)
+    metrics.set_meter_provider(meter_provider)
+    _current = Telemetry(tracer_provider, meter_provider)
+    return _current

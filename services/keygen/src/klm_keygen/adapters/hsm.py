@@ -1,0 +1,267 @@
+"""The PKCS#11 session — the only one in KLM — behind a small async port.
+
+python-pkcs11 calls ``C_Initialize(NULL)``, so SoftHSM runs without its own locking while
+python-pkcs11 releases the GIL: every call of the session therefore runs on one dedicated
+thread (a single-worker executor), in batches, so the event loop never blocks on the HSM.
+PKCS#11 errors are mapped to :mod:`klm_common.errors` here, at the edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
+
+import pkcs11
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11.util.ec import encode_named_curve_parameters
+
+from klm_common.algorithms import CURVES, Algorithm, KeySpec, Protection, Usage
+from klm_common.errors import HsmError, HsmUnavailable, KlmError, MechanismUnavailable
+from klm_keygen.domain.material import GeneratedVersion
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MASTER_KEK_LABEL = "klm-master-kek"
+
+_HMAC_KEY_TYPE = KeyType.GENERIC_SECRET
+_ED25519_OID = "1.3.101.112"
+
+
+class Hsm(Protocol):
+    """The port keygen's handlers depend on (a fake implements it in unit tests)."""
+
+    async def generate(self, specs: Sequence[tuple[KeySpec, Protection, bytes]]
+                       ) -> list[GeneratedVersion | KlmError]: ...
+
+    async def healthy(self) -> bool: ...
+
+
+def _usage_attributes(usages: frozenset[Usage]) -> dict[Attribute, bool]:
+    """PKCS#11 capability attributes for the secret or private half of a key."""
+    return {
+        Attribute.ENCRYPT: Usage.ENCRYPT in usages,
+        Attribute.DECRYPT: Usage.DECRYPT in usages,
+        Attribute.WRAP: Usage.WRAP in usages,
+        Attribute.UNWRAP: Usage.UNWRAP in usages,
+        Attribute.SIGN: Usage.SIGN in usages or Usage.MAC in usages,
+        Attribute.VERIFY: Usage.VERIFY in usages or Usage.MAC in usages,
+        Attribute.DERIVE: Usage.DERIVE in usages,
+    }
+
+
+def _private_attributes(usages: frozenset[Usage]) -> dict[Attribute, bool]:
+    return {Attribute.SIGN: Usage.SIGN in usages,
+            Attribute.DECRYPT: Usage.DECRYPT in usages,
+            Attribute.UNWRAP: Usage.UNWRAP in usages,
+            Attribute.DERIVE: Usage.DERIVE in usages}
+
+
+def _public_attributes(usages: frozenset[Usage]) -> dict[Attribute, bool]:
+    return {Attribute.VERIFY: Usage.VERIFY in usages or Usage.SIGN in usages,
+            Attribute.ENCRYPT: Usage.ENCRYPT in usages or Usage.DECRYPT in usages,
+            Attribute.WRAP: Usage.WRAP in usages or Usage.UNWRAP in usages}
+
+
+def object_id(key_id: str, version: int) -> bytes:
+    """CKA_ID of an hsm-resident key version: derived from key id and version."""
+    return hashlib.sha256(f"{key_id}#{version}".encode()).digest()[:16]
+
+
+class Pkcs11Hsm:
+    """One PKCS#11 session on one thread, with the master KEK found or created at open."""
+
+    def __init__(self, module: str, token_label: str, pin: str) -> None:
+        self._module = module
+        self._token_label = token_label
+        self._pin = pin
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pkcs11")
+        self._session: Any = None
+        self._kek: Any = None
+        self._mechanisms: frozenset[Mechanism] = frozenset()
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    async def open(self) -> None:
+        await self._run(self._open)
+
+    async def close(self) -> None:
+        await self._run(self._close)
+        self._executor.shutdown(wait=True)
+
+    async def healthy(self) -> bool:
+        try:
+            return bool(await self._run(self._ping))
+        except KlmError:
+            return False
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _open(self) -> None:
+        try:
+            lib = pkcs11.lib(self._module)
+            token = lib.get_token(token_label=self._token_label)
+            self._session = token.open(rw=True, user_pin=self._pin)
+            self._mechanisms = frozenset(token.slot.get_mechanisms())
+        except (pkcs11.PKCS11Error, RuntimeError, OSError) as exc:
+            raise HsmUnavailable(f"cannot open token {self._token_label!r}: "
+                                 f"{type(exc).__name__}") from exc
+        self._kek = self._find_or_create_master_kek()
+        log.info("HSM session open on token %r", self._token_label)
+
+    def _close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    def _ping(self) -> bool:
+        if self._session is None:
+            return False
+        self._session.get_key(label=MASTER_KEK_LABEL, key_type=KeyType.AES)
+        return True
+
+    def _find_or_create_master_kek(self) -> Any:
+        try:
+            return self._session.get_key(label=MASTER_KEK_LABEL, key_type=KeyType.AES,
+                                         object_class=ObjectClass.SECRET_KEY)
+        except pkcs11.NoSuchKey:
+            log.info("creating master KEK %r on the token", MASTER_KEK_LABEL)
+            return self._session.generate_key(
+                KeyType.AES, 256, label=MASTER_KEK_LABEL, store=True,
+                template={Attribute.TOKEN: True, Attribute.PRIVATE: True,
+                          Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                          Attribute.WRAP: True, Attribute.UNWRAP: True,
+                          Attribute.ENCRYPT: False, Attribute.DECRYPT: False,
+                          Attribute.SIGN: False, Attribute.VERIFY: False,
+                          Attribute.DERIVE: False})
+
+    # ---- generation -----------------------------------------------------------------------
+    async def generate(self, specs: Sequence[tuple[KeySpec, Protection, bytes]]
+                       ) -> list[GeneratedVersion | KlmError]:
+        """Generate a batch on the HSM thread; one result (or coded error) per spec."""
+        return await self._run(self._generate_batch, list(specs))
+
+    def _generate_batch(self, specs: list[tuple[KeySpec, Protection, bytes]]
+                        ) -> list[GeneratedVersion | KlmError]:
+        if self._session is None:
+            raise HsmUnavailable("no HSM session")
+        results: list[GeneratedVersion | KlmError] = []
+        for spec, protection, obj_id in specs:
+            try:
+                results.append(self._generate_one(spec, protection, obj_id))
+            except KlmError as exc:
+                results.append(exc)
+            except pkcs11.PKCS11Error as exc:
+                if isinstance(exc, pkcs11.SessionHandleInvalid | pkcs11.DeviceRemoved |
+                              pkcs11.TokenNotPresent | pkcs11.DeviceError):
+                    raise HsmUnavailable(f"HSM session lost: {type(exc).__name__}") from exc
+                results.append(HsmError(f"HSM refused to generate {spec.label}: "
+                                        f"{type(exc).__name__}"))
+        return results
+
+    def _require(self, mechanism: Mechanism, spec: KeySpec) -> None:
+        if mechanism not in self._mechanisms:
+            raise MechanismUnavailable(
+                f"the HSM module lacks {mechanism.name} needed for {spec.label}")
+
+    def _generate_one(self, spec: KeySpec, protection: Protection,
+                      obj_id: bytes) -> GeneratedVersion:
+        resident = protection is Protection.HSM_RESIDENT
+        common = {Attribute.TOKEN: resident, Attribute.PRIVATE: True,
+                  Attribute.SENSITIVE: True,
+                  # a resident key is extractable only so that it can be wrapped for backup
+                  Attribute.EXTRACTABLE: True}
+        if resident:
+            common[Attribute.ID] = obj_id
+            common[Attribute.LABEL] = f"klm:{obj_id.hex()}"
+        if spec.algorithm is Algorithm.AES or spec.algorithm.value.startswith("HMAC"):
+            return self._secret(spec, common, resident, obj_id)
+        return self._keypair(spec, common, resident, obj_id)
+
+    def _secret(self, spec: KeySpec, common: dict[Attribute, Any], resident: bool,
+                obj_id: bytes) -> GeneratedVersion:
+        key_type = KeyType.AES if spec.algorithm is Algorithm.AES else _HMAC_KEY_TYPE
+        mechanism = (Mechanism.AES_KEY_GEN if key_type is KeyType.AES
+                     else Mechanism.GENERIC_SECRET_KEY_GEN)
+        self._require(mechanism, spec)
+        key = self._session.generate_key(
+            key_type, spec.size, store=resident,
+            template={**common, **_usage_attributes(spec.usages)})
+        kcv = bytes(key[Attribute.CHECK_VALUE]).hex()
+        return self._finish(key, None, kcv, resident, obj_id)
+
+    def _keypair(self, spec: KeySpec, common: dict[Attribute, Any], resident: bool,
+                 obj_id: bytes) -> GeneratedVersion:
+        private = {**common, **_private_attributes(spec.usages)}
+        public = {Attribute.TOKEN: resident, **_public_attributes(spec.usages)}
+        if resident:
+            public[Attribute.ID] = obj_id
+            public[Attribute.LABEL] = common[Attribute.LABEL]
+        if spec.algorithm is Algorithm.RSA:
+            self._require(Mechanism.RSA_PKCS_KEY_PAIR_GEN, spec)
+            pub, priv = self._session.generate_keypair(
+                KeyType.RSA, spec.size, store=resident,
+                public_template=public, private_template=private)
+            der = _rsa_spki(pub)
+        else:
+            is_ed = spec.algorithm is Algorithm.ED25519
+            mechanism = (Mechanism.EC_EDWARDS_KEY_PAIR_GEN if is_ed
+                         else Mechanism.EC_KEY_PAIR_GEN)
+            self._require(mechanism, spec)
+            curve_oid = _ED25519_OID if is_ed else CURVES[str(spec.curve)][1]
+            params = self._session.create_domain_parameters(
+                KeyType.EC_EDWARDS if is_ed else KeyType.EC,
+                {Attribute.EC_PARAMS: encode_named_curve_parameters(curve_oid)}, local=True)
+            pub, priv = params.generate_keypair(
+                store=resident, mechanism=mechanism,
+                public_template=public, private_template=private)
+            der = _ed25519_spki(pub) if is_ed else _ec_spki(pub, spec)
+        if not resident:
+            pub.destroy()  # the SPKI is all we keep of a session public key
+        return self._finish(priv, der, None, resident, obj_id)
+
+    def _finish(self, key: Any, public_der: bytes | None, kcv: str | None, resident: bool,
+                obj_id: bytes) -> GeneratedVersion:
+        if resident:
+            return GeneratedVersion(None, public_der, kcv, hsm_object_id=obj_id)
+        # session object: wrap under the master KEK, then let it go (it dies with the session
+        # anyway; destroying it now keeps the session small)
+        wrapped = self._kek.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+        key.destroy()
+        return GeneratedVersion(bytes(wrapped), public_der, kcv)
+
+
+def _rsa_spki(pub: Any) -> bytes:
+    numbers = rsa.RSAPublicNumbers(int.from_bytes(pub[Attribute.PUBLIC_EXPONENT], "big"),
+                                   int.from_bytes(pub[Attribute.MODULUS], "big"))
+    return numbers.public_key().public_bytes(serialization.Encoding.DER,
+                                             serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _ec_point(pub: Any) -> bytes:
+    """CKA_EC_POINT is a DER OCTET STRING around the point."""
+    raw = bytes(pub[Attribute.EC_POINT])
+    if raw[0] == 0x04 and raw[1] == len(raw) - 2:  # short-form OCTET STRING
+        return raw[2:]
+    if raw[0] == 0x04 and raw[1] == 0x81:
+        return raw[3:]
+    return raw
+
+
+def _ec_spki(pub: Any, spec: KeySpec) -> bytes:
+    curve = ec.SECP256R1() if spec.curve == "P-256" else ec.SECP384R1()
+    key = ec.EllipticCurvePublicKey.from_encoded_point(curve, _ec_point(pub))
+    return key.public_bytes(serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _ed25519_spki(pub: Any) -> bytes:
+    key = ed25519.Ed25519PublicKey.from_public_bytes(_ec_point(pub))
+    return key.public_bytes(serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
