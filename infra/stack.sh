@@ -74,10 +74,12 @@ ensure_packages() {
     echo "create_main_cluster = false" |
       "${sudo[@]}" tee /etc/postgresql-common/createcluster.d/klm.conf >/dev/null
   fi
-  note "apt-get install ${missing[*]}"
-  "${sudo[@]}" apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq \
-    --no-install-recommends "${missing[@]}" >&2
+  note "apt-get install ${missing[*]} (log: $LOGS/apt.log)"
+  mkdir -p "$LOGS"
+  { "${sudo[@]}" apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq \
+      --no-install-recommends "${missing[@]}"; } >>"$LOGS/apt.log" 2>&1 ||
+    die "apt-get install ${missing[*]} failed, see $LOGS/apt.log"
 }
 
 find_java() {
@@ -122,9 +124,9 @@ pom_sha() { sha256sum "$INFRA_DIR/kafka/pom.xml" | cut -d' ' -f1; }
 classpath_ok() {
   [[ -s "$KAFKA_CP_FILE" && -f "$KAFKA_CP_STAMP" ]] || return 1
   [[ "$(cat "$KAFKA_CP_STAMP")" == "$(pom_sha)" ]] || return 1
-  local jar
-  local IFS=:
-  for jar in $(cat "$KAFKA_CP_FILE"); do [[ -f "$jar" ]] || return 1; done
+  local jar jars
+  IFS=: read -r -a jars <"$KAFKA_CP_FILE" || true
+  for jar in "${jars[@]}"; do [[ -f "$jar" ]] || return 1; done
 }
 
 # Resolve the broker's jars with Maven (local repo: the default ~/.m2) into a
@@ -134,9 +136,11 @@ ensure_classpath() {
   mkdir -p "$KAFKA_DIR"
   note "kafka: resolving jars with maven (infra/kafka/pom.xml)"
   local tmp="$KAFKA_CP_FILE.tmp"
+  mkdir -p "$LOGS"
   (cd "$INFRA_DIR/kafka" &&
-    mvn -q -B dependency:build-classpath -Dmdep.outputFile="$tmp" >&2) ||
-    die "maven could not resolve infra/kafka/pom.xml"
+    mvn -q -B -Dstyle.color=never dependency:build-classpath \
+      -Dmdep.outputFile="$tmp" >"$LOGS/maven.log" 2>&1) ||
+    die "maven could not resolve infra/kafka/pom.xml, see $LOGS/maven.log"
   mv "$tmp" "$KAFKA_CP_FILE"
   pom_sha >"$KAFKA_CP_STAMP"
 }
@@ -201,13 +205,13 @@ kafka_pid() {
   [[ -f "$KAFKA_PID" ]] && pid="$(cat "$KAFKA_PID" 2>/dev/null || true)"
   if pid_matches "$pid" kafka.Kafka "$KAFKA_PROPS"; then echo "$pid"; return 0; fi
   rm -f "$KAFKA_PID"
-  local d
-  for d in /proc/[0-9]*; do
-    pid="${d#/proc/}"
+  local f
+  for f in $(grep -lsF -- "$KAFKA_PROPS" /proc/[0-9]*/cmdline 2>/dev/null || true); do
+    pid="${f#/proc/}"; pid="${pid%/cmdline}"
     if pid_matches "$pid" kafka.Kafka "$KAFKA_PROPS"; then
-      echo "$pid" >"$KAFKA_PID"; echo "$pid"; return 0
+      mkdir -p "$RUN"; echo "$pid" >"$KAFKA_PID"; echo "$pid"; return 0
     fi
-  done 2>/dev/null
+  done
   return 0
 }
 
@@ -236,6 +240,10 @@ transaction.state.log.num.partitions=6
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
+# after a crash the old registration must time out before the broker can
+# register again: 5 s instead of the default 9 s
+broker.session.timeout.ms=5000
+broker.heartbeat.interval.ms=1000
 num.network.threads=2
 num.io.threads=4
 EOF
@@ -251,7 +259,7 @@ kafka_ready() {  # $1: timeout seconds, $2: pid to watch (optional)
 kafka_launch() {
   [[ -n "$(kafka_pid)" ]] && return 0
   if port_open 127.0.0.1 "$KAFKA_PORT"; then
-    die "kafka: port $KAFKA_PORT is taken by another process"
+    die "kafka: port $KAFKA_PORT is taken (set KLM_KAFKA_PORT)"
   fi
   ensure_tools kafka
   ensure_classpath
@@ -331,7 +339,7 @@ pg_bin() {
     if [[ -n "${KLM_PG_BIN:-}" ]]; then
       PG_BIN="$KLM_PG_BIN"
     else
-      PG_BIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)"
+      PG_BIN="$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n1)"
     fi
     [[ -x "$PG_BIN/pg_ctl" ]] || die "postgres: no server binaries (run: infra/stack.sh install)"
   fi
@@ -363,6 +371,10 @@ pg_paths() {
       PGDATA_DIR="$link"
       PG_SOCK="$RUN"
     else
+      # a predictable name in a shared folder: refuse one made by someone else
+      if [[ -e "$PG_FALLBACK" && ! -O "$PG_FALLBACK" ]]; then
+        die "postgres: $PG_FALLBACK exists and is not ours"
+      fi
       PGDATA_DIR="$PG_FALLBACK/pg"
       PG_SOCK="$PG_FALLBACK/run"
     fi
@@ -383,7 +395,6 @@ pg_pid() {
 pg_init() {
   [[ -f "$PGDATA_DIR/PG_VERSION" ]] && return 0
   note "postgres: initdb $PGDATA_DIR"
-  ensure_secret pg-admin-password
   if [[ "$PGDATA_DIR" != "$KLM_HOME/pg" ]]; then
     mkdir -p "$PGDATA_DIR"
     chmod 755 "$(dirname "$PGDATA_DIR")"
@@ -393,9 +404,9 @@ pg_init() {
   mkdir -p "$PGDATA_DIR"
   chmod 700 "$PGDATA_DIR"
   is_root && chown postgres:postgres "$PGDATA_DIR"
-  # the password reaches initdb through a pipe: postgres cannot read secrets/
-  cat "$SECRETS/pg-admin-password" |
-    pg_as "$(pg_bin)/initdb" -D "$PGDATA_DIR" -U postgres --pwfile=/dev/stdin \
+  # no password yet (TCP logins fail until pg_setup sets it from secrets/,
+  # which the postgres user cannot read)
+  pg_as "$(pg_bin)/initdb" -D "$PGDATA_DIR" -U postgres \
       -E UTF8 --locale=C.UTF-8 --data-checksums \
       --auth-local=peer --auth-host=scram-sha-256 >>"$LOGS/postgres.log" 2>&1 ||
     die "postgres: initdb failed, see $LOGS/postgres.log"
@@ -447,7 +458,7 @@ pg_up() {
   mkdir -p "$LOGS" "$RUN"
   pg_init
   if [[ -z "$(pg_pid)" ]]; then
-    port_open 127.0.0.1 "$PG_PORT" && die "postgres: port $PG_PORT is taken by another process"
+    port_open 127.0.0.1 "$PG_PORT" && die "postgres: port $PG_PORT is taken (set KLM_PG_PORT)"
     mkdir -p "$PG_SOCK"
     is_root && chown postgres:postgres "$PG_SOCK"
     write_pg_conf
@@ -468,6 +479,7 @@ pg_up() {
 
 # keep the superuser password equal to the secret file; create database klm
 pg_setup() {
+  ensure_secret pg-admin-password
   local pw
   pw="$(cat "$SECRETS/pg-admin-password")"
   printf "ALTER ROLE postgres PASSWORD '%s';\n" "$pw" | pg_psql -f - >/dev/null

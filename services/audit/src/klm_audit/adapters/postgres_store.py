@@ -1,0 +1,224 @@
+"""The audit store on Postgres: the append transaction and the read queries.
+
+Appends are serialised by a transaction-level advisory lock (the audit role cannot take
+table locks stronger than ROW EXCLUSIVE, and needs none): the chain head is read, the batch
+sealed after it, rows COPied in and the projections updated — all in one transaction, so
+sequences are gap-free and a crash leaves either the whole batch or nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+
+import asyncpg
+
+from klm_audit.domain.entries import StoredEntry
+from klm_audit.domain.hash_chain import GENESIS, Link
+from klm_audit.domain.ingest import AppendPlan, ChainHead
+from klm_audit.domain.inventory import Fact, KeyView, apply
+from klm_audit.domain.queries import EventFilter, KeyFilter, Scope
+
+#: pg_advisory_xact_lock key held by whoever appends to audit_log
+APPEND_LOCK = 7243200
+
+_COLUMNS = ("sequence", "event_id", "type", "subject", "key_version", "source", "tenant",
+            "correlation_id", "occurred_at", "topic", "kafka_partition", "kafka_offset",
+            "canonical", "prev_hash", "hash")
+_HISTORY = """
+WITH k AS (SELECT * FROM audit_log WHERE subject = $1)
+SELECT sequence, event_id, type, subject, key_version, source, tenant, correlation_id,
+       occurred_at, recorded_at, canonical, prev_hash, hash FROM k
+UNION
+SELECT sequence, event_id, type, subject, key_version, source, tenant, correlation_id,
+       occurred_at, recorded_at, canonical, prev_hash, hash FROM audit_log
+ WHERE event_id IN (SELECT correlation_id FROM k WHERE correlation_id IS NOT NULL)
+ORDER BY sequence"""
+
+_EVENTS = """
+SELECT sequence, event_id, type, subject, key_version, source, tenant, correlation_id,
+       occurred_at, recorded_at, canonical, prev_hash, hash FROM audit_log
+ WHERE sequence > $1
+   AND ($2::text IS NULL OR type = $2)
+   AND ($3::text IS NULL OR subject = $3)
+   AND ($4::text IS NULL OR source = $4)
+   AND ($5::timestamptz IS NULL OR occurred_at >= $5)
+   AND ($6::timestamptz IS NULL OR occurred_at < $6)
+   AND ($7::text IS NULL OR tenant = $7)
+ ORDER BY sequence LIMIT $8"""
+
+
+class PostgresAppendTx:
+    """The reads and the write of one append, inside the caller's locked transaction."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    async def stored_ids(self, event_ids: Sequence[str]) -> set[str]:
+        rows = await self._conn.fetch(
+            "SELECT event_id FROM audit_log WHERE event_id = ANY($1::text[])", list(event_ids))
+        return {r["event_id"] for r in rows}
+
+    async def head(self) -> ChainHead:
+        row = await self._conn.fetchrow(
+            "SELECT sequence, hash FROM audit_log ORDER BY sequence DESC LIMIT 1")
+        return ChainHead(row["sequence"], bytes(row["hash"])) if row else ChainHead(0, GENESIS)
+
+    async def views(self, key_ids: Iterable[str]) -> dict[str, KeyView]:
+        rows = await self._conn.fetch(
+            "SELECT view FROM key_inventory WHERE key_id = ANY($1::text[])", list(key_ids))
+        views = (KeyView.model_validate_json(r["view"]) for r in rows)
+        return {v.key_id: v for v in views}
+
+    async def tenants_of(self, event_ids: Iterable[str]) -> dict[str, str | None]:
+        rows = await self._conn.fetch(
+            "SELECT event_id, tenant FROM audit_log WHERE event_id = ANY($1::text[])",
+            list(event_ids))
+        return {r["event_id"]: r["tenant"] for r in rows}
+
+    async def write(self, plan: AppendPlan) -> None:
+        records = [(
+            s.sequence, s.entry.event_id, s.entry.type, s.entry.subject, s.entry.key_version,
+            s.entry.source, s.entry.tenant, s.entry.correlation_id, s.entry.occurred_at,
+            s.entry.origin.topic, s.entry.origin.partition, s.entry.origin.offset,
+            s.entry.canonical.decode("utf-8"), s.prev_hash, s.hash) for s in plan.sealed]
+        if records:
+            await self._conn.copy_records_to_table("audit_log", records=records,
+                                                   columns=_COLUMNS)
+        await save_views(self._conn, plan.views.values())
+
+
+async def save_views(conn: asyncpg.Connection, views: Iterable[KeyView]) -> None:
+    rows = [(v.key_id, v.owner, v.state, v.algorithm, v.model_dump_json(), v.last_sequence)
+            for v in views]
+    if rows:
+        await conn.executemany(
+            "INSERT INTO key_inventory (key_id, tenant, state, algorithm, view, last_sequence) "
+            "VALUES ($1, $2, $3, $4, $5::jsonb, $6) ON CONFLICT (key_id) DO UPDATE SET "
+            "tenant = EXCLUDED.tenant, state = EXCLUDED.state, algorithm = EXCLUDED.algorithm, "
+            "view = EXCLUDED.view, last_sequence = EXCLUDED.last_sequence", rows)
+
+
+def _entry(row: asyncpg.Record) -> StoredEntry:
+    return StoredEntry(
+        sequence=row["sequence"], event_id=row["event_id"], type=row["type"],
+        subject=row["subject"], key_version=row["key_version"], source=row["source"],
+        tenant=row["tenant"], correlation_id=row["correlation_id"],
+        occurred_at=row["occurred_at"], recorded_at=row["recorded_at"],
+        canonical=row["canonical"].encode("utf-8"), prev_hash=bytes(row["prev_hash"]),
+        hash=bytes(row["hash"]))
+
+
+class PostgresAuditStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @asynccontextmanager
+    async def appending(self) -> AsyncIterator[PostgresAppendTx]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK)
+            yield PostgresAppendTx(conn)
+
+    async def ping(self) -> bool:
+        return bool(await self._pool.fetchval("SELECT 1"))
+
+    # ---------------------------------------------------------------- history and events
+    async def history(self, key_id: str, scope: Scope) -> list[StoredEntry]:
+        """The key's events plus the requests that caused them, in sequence order."""
+        rows = await self._pool.fetch(
+            _HISTORY, key_id)
+        return [_entry(r) for r in rows if scope.allows(r["tenant"])]
+
+    async def events(self, filters: EventFilter, scope: Scope) -> list[StoredEntry]:
+        rows = await self._pool.fetch(
+            _EVENTS,
+            filters.after_sequence, filters.type, filters.subject, filters.source,
+            filters.since, filters.until, scope.tenant, filters.limit)
+        return [_entry(r) for r in rows]
+
+    async def facts_of(self, key_id: str) -> list[Fact]:
+        rows = await self._pool.fetch(
+            "SELECT sequence, type, canonical FROM audit_log WHERE subject = $1 "
+            "AND type LIKE 'klm.key.%' ORDER BY sequence", key_id)
+        return [_fact(r) for r in rows]
+
+    # ---------------------------------------------------------------- inventory
+    async def key(self, key_id: str, scope: Scope) -> KeyView | None:
+        row = await self._pool.fetchrow(
+            "SELECT view FROM key_inventory WHERE key_id = $1 "
+            "AND ($2::text IS NULL OR tenant = $2)", key_id, scope.tenant)
+        return KeyView.model_validate_json(row["view"]) if row else None
+
+    async def keys(self, filters: KeyFilter, scope: Scope) -> list[KeyView]:
+        rows = await self._pool.fetch(
+            """SELECT view FROM key_inventory
+               WHERE ($1::text IS NULL OR key_id > $1)
+                 AND ($2::text IS NULL OR state = $2)
+                 AND ($3::text IS NULL OR algorithm = $3)
+                 AND ($4::text IS NULL OR tenant = $4)
+                 AND ($5::text IS NULL OR tenant = $5)
+               ORDER BY key_id LIMIT $6""",
+            filters.after_key_id, filters.state, filters.algorithm, filters.owner,
+            scope.tenant, filters.limit)
+        return [KeyView.model_validate_json(r["view"]) for r in rows]
+
+    # ---------------------------------------------------------------- verification
+    async def head(self) -> ChainHead:
+        async with self._pool.acquire() as conn:
+            return await PostgresAppendTx(conn).head()
+
+    async def links(self, after: int, upto: int, limit: int) -> list[Link]:
+        rows = await self._pool.fetch(
+            "SELECT sequence, prev_hash, hash, canonical FROM audit_log "
+            "WHERE sequence > $1 AND sequence <= $2 ORDER BY sequence LIMIT $3",
+            after, upto, limit)
+        return [Link(r["sequence"], bytes(r["prev_hash"]), bytes(r["hash"]),
+                     r["canonical"].encode("utf-8")) for r in rows]
+
+    async def first_inconsistent_row(self, upto: int) -> int | None:
+        """First sequence whose indexed columns disagree with its hashed canonical JSON."""
+        return await self._pool.fetchval(  # type: ignore[no-any-return]
+            _INCONSISTENT_ROWS, upto)
+
+    # ---------------------------------------------------------------- projections
+    async def rebuild_projections(self) -> int:
+        """Drop the inventory and replay every event into it, under the append lock."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK)
+            await conn.execute("DELETE FROM key_inventory")
+            views: dict[str, KeyView] = {}
+            cursor = conn.cursor(
+                "SELECT sequence, type, subject, canonical FROM audit_log "
+                "WHERE type LIKE 'klm.key.%' AND subject IS NOT NULL ORDER BY sequence",
+                prefetch=5000)
+            async for row in cursor:
+                after = apply(views.get(row["subject"]), _fact(row))
+                if after is not None:
+                    views[row["subject"]] = after
+            await save_views(conn, views.values())
+            return len(views)
+
+
+def _fact(row: asyncpg.Record) -> Fact:
+    event = json.loads(row["canonical"])
+    return Fact(sequence=row["sequence"], type=row["type"], time=event["time"],
+                data=event.get("data") or {})
+
+
+# the subject column is the envelope's subject, else data.key_id when it is a string;
+# the tenant column must be data.owner whenever the event names an owner
+_INCONSISTENT_ROWS = """
+WITH r AS (SELECT sequence, event_id, type, subject, source, tenant,
+                  canonical::jsonb AS c FROM audit_log WHERE sequence <= $1)
+SELECT min(sequence) FROM r WHERE
+       event_id IS DISTINCT FROM c->>'id'
+    OR type IS DISTINCT FROM c->>'type'
+    OR source IS DISTINCT FROM c->>'source'
+    OR subject IS DISTINCT FROM COALESCE(
+           NULLIF(c->>'subject', ''),
+           CASE WHEN jsonb_typeof(c->'data'->'key_id') = 'string'
+                THEN c->'data'->>'key_id' END)
+    OR (jsonb_typeof(c->'data'->'owner') = 'string' AND c->'data'->>'owner' <> ''
+        AND tenant IS DISTINCT FROM c->'data'->>'owner')
+"""

@@ -1,0 +1,120 @@
+"""Planning one append: dedupe, tenant, sequence, hash and projection changes (pure).
+
+The store takes the append lock, loads what this module needs (chain head, ids already
+stored, views of the keys involved, tenants of correlated events), calls
+:func:`plan_append`, and writes the result in the same transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from klm_audit.domain.entries import Origin, PendingEntry, key_id_of, owner_of, pending_entry
+from klm_audit.domain.hash_chain import link_hash
+from klm_audit.domain.inventory import Fact, KeyView, apply
+from klm_common.envelope import CloudEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A record that parsed as a CloudEvent and has a canonical form."""
+
+    event: CloudEvent
+    canonical: bytes
+    origin: Origin
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """A pending entry with its place in the chain."""
+
+    entry: PendingEntry
+    sequence: int
+    prev_hash: bytes
+    hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ChainHead:
+    sequence: int
+    hash: bytes
+
+
+@dataclass(slots=True)
+class AppendPlan:
+    sealed: list[Sealed] = field(default_factory=list)
+    views: dict[str, KeyView] = field(default_factory=dict)
+    duplicates: int = 0
+
+    @property
+    def head(self) -> ChainHead | None:
+        last = self.sealed[-1] if self.sealed else None
+        return ChainHead(last.sequence, last.hash) if last else None
+
+
+def fresh(batch: Sequence[Accepted], stored_ids: set[str]) -> list[Accepted]:
+    """Drop events already stored and repeats within the batch (first one wins)."""
+    seen = set(stored_ids)
+    out = []
+    for item in batch:
+        if item.event.id not in seen:
+            seen.add(item.event.id)
+            out.append(item)
+    return out
+
+
+def plan_append(batch: Sequence[Accepted], head: ChainHead, views: Mapping[str, KeyView],
+                tenants_by_event: Mapping[str, str | None]) -> AppendPlan:
+    """Seal ``batch`` (already fresh) after ``head`` and fold it into ``views``."""
+    plan = AppendPlan()
+    known_views = dict(views)
+    tenants = dict(tenants_by_event)
+    sequence, prev = head.sequence, head.hash
+    for item in batch:
+        tenant = resolve_tenant(item.event, known_views, tenants)
+        tenants[item.event.id] = tenant
+        sequence += 1
+        digest = link_hash(prev, sequence, item.canonical)
+        plan.sealed.append(Sealed(pending_entry(item.event, item.canonical, item.origin, tenant),
+                                  sequence, prev, digest))
+        prev = digest
+        _project(item.event, sequence, known_views, plan.views)
+    return plan
+
+
+def resolve_tenant(event: CloudEvent, views: Mapping[str, KeyView],
+                   tenants_by_event: Mapping[str, str | None]) -> str | None:
+    """The tenant an event belongs to: its ``owner``, else its key's, else its request's.
+
+    ``None`` means no tenant (dead letters, checkpoints, requests for unknown keys): only
+    principals without a tenant scope see those.
+    """
+    owner = owner_of(event.data)
+    if owner is not None:
+        return owner
+    key_id = key_id_of(event)
+    if key_id is not None and key_id in views:
+        return views[key_id].owner
+    if event.correlationid is not None:
+        return tenants_by_event.get(event.correlationid)
+    return None
+
+
+def _project(event: CloudEvent, sequence: int, views: dict[str, KeyView],
+             changed: dict[str, KeyView]) -> None:
+    key_id = key_id_of(event)
+    if key_id is None or not event.type.startswith("klm.key."):
+        return
+    fact = Fact(sequence=sequence, type=event.type, time=event.time, data=event.data)
+    after = apply(views.get(key_id), fact)
+    if after is not None and after is not views.get(key_id):
+        views[key_id] = changed[key_id] = after
+
+
+def keys_of(batch: Sequence[Accepted]) -> set[str]:
+    return {k for k in (key_id_of(a.event) for a in batch) if k is not None}
+
+
+def correlations_of(batch: Sequence[Accepted]) -> set[str]:
+    return {a.event.correlationid for a in batch if a.event.correlationid}

@@ -1,0 +1,42 @@
+"""Wiring: real adapters for the running service (unit tests wire fakes into ``Deps``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+from faststream.kafka import KafkaBroker
+
+from klm_common.db import create_pool
+from klm_common.kafka import DeadLetters, make_broker, make_producer
+from klm_common.outbox import OutboxRelay
+from klm_common.settings import KlmSettings
+from klm_common.topics import Topics
+from klm_keygen.adapters.hsm import Pkcs11Hsm
+from klm_keygen.adapters.keystore import PgKeystore
+from klm_keygen.handlers import Deps
+
+
+@dataclass
+class Keygen:
+    settings: KlmSettings
+    topics: Topics
+    broker: KafkaBroker
+    producer: AIOKafkaProducer
+    pool: asyncpg.Pool
+    hsm: Pkcs11Hsm
+    relay: OutboxRelay
+    deps: Deps
+
+
+async def bootstrap(settings: KlmSettings) -> Keygen:
+    topics = Topics(settings.topic_prefix)
+    broker = make_broker(settings, "klm-keygen")
+    producer = make_producer(settings, "klm-keygen-outbox")
+    pool = await create_pool(settings, "keygen")
+    hsm = Pkcs11Hsm(settings.hsm_module, settings.hsm_token_label, settings.hsm_user_pin())
+    relay = OutboxRelay(pool, producer, batch=settings.outbox_batch)
+    deps = Deps(hsm=hsm, keystore=PgKeystore(pool, topics.lifecycle),
+                dead_letters=DeadLetters(broker, topics, "keygen"), on_commit=relay.wake)
+    return Keygen(settings, topics, broker, producer, pool, hsm, relay, deps)

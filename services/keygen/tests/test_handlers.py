@@ -1,0 +1,79 @@
+"""keygen's batch handler, through fakes: no Kafka, Postgres or HSM needed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aiokafka import ConsumerRecord
+
+from klm_common.envelope import CloudEvent, make_event
+from klm_common.errors import HsmUnavailable
+from klm_common.events import GenerateKey
+from klm_common.kafka import DeadLetters
+from klm_common.topics import Topics
+from klm_keygen.handlers import Deps, handle_request_batch
+
+from .fakes import FakeBroker, FakeHsm, FakeKeystore
+
+
+def record(value: bytes, offset: int = 0) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord("klm.requests", 0, offset, 0, 0, b"k", value, None, 1, len(value), [])
+
+
+def request(**fields: Any) -> CloudEvent:
+    return make_event(GenerateKey.event_type,
+                      {"owner": "acme", "name": "n", "algorithm": "AES-256", **fields},
+                      source="test")
+
+
+@pytest.fixture
+def deps() -> Deps:
+    broker: Any = FakeBroker()
+    return Deps(hsm=FakeHsm(), keystore=FakeKeystore(),
+                dead_letters=DeadLetters(broker, Topics(), "keygen"), retry_delay=0)
+
+
+async def test_one_hsm_call_per_batch_and_one_answer_per_request(deps: Deps) -> None:
+    requests = [request(name=f"k{i}") for i in range(5)]
+    await handle_request_batch([record(r.to_bytes(), i) for i, r in enumerate(requests)], deps)
+    assert deps.hsm.calls == [5]  # type: ignore[attr-defined]
+    answers = deps.keystore.outbox  # type: ignore[attr-defined]
+    assert sorted(a.correlationid for a in answers) == sorted(r.id for r in requests)
+    assert {a.type for a in answers} == {"klm.key.generated"}
+
+
+async def test_replay_is_a_no_op(deps: Deps) -> None:
+    r = request()
+    await handle_request_batch([record(r.to_bytes()), record(r.to_bytes(), 1)], deps)
+    await handle_request_batch([record(r.to_bytes(), 2)], deps)
+    assert await deps.keystore.count_keys() == 1
+    assert len(deps.keystore.outbox) == 1  # type: ignore[attr-defined]
+
+
+async def test_invalid_request_is_rejected_without_hsm_call(deps: Deps) -> None:
+    r = request(algorithm="RSA", size=1024)
+    await handle_request_batch([record(r.to_bytes())], deps)
+    [answer] = deps.keystore.outbox  # type: ignore[attr-defined]
+    assert answer.type == "klm.request.rejected"
+    assert answer.data["code"] == "key_size_below_minimum"
+    assert deps.hsm.calls == []  # type: ignore[attr-defined]
+
+
+async def test_garbage_goes_to_dlq_and_the_rest_is_served(deps: Deps) -> None:
+    good = request()
+    await handle_request_batch([record(b"\x00garbage", 0), record(good.to_bytes(), 1)], deps)
+    [(topic, _)] = deps.dead_letters._broker.published  # type: ignore[attr-defined]
+    assert topic == "klm.dlq"
+    assert [a.correlationid for a in deps.keystore.outbox] == [good.id]  # type: ignore[attr-defined]
+
+
+async def test_hsm_down_leaves_batch_uncommitted(deps: Deps) -> None:
+    deps.hsm.available = False  # type: ignore[attr-defined]
+    r = request()
+    with pytest.raises(HsmUnavailable):
+        await handle_request_batch([record(r.to_bytes())], deps)
+    assert deps.keystore.outbox == []  # type: ignore[attr-defined]
+    deps.hsm.available = True  # type: ignore[attr-defined]
+    await handle_request_batch([record(r.to_bytes())], deps)
+    assert len(deps.keystore.outbox) == 1  # type: ignore[attr-defined]

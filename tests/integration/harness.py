@@ -1,0 +1,194 @@
+"""Helpers for integration tests: service processes, an event log of a topic, probes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import asyncpg
+import httpx
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from klm_common.envelope import CloudEvent, EnvelopeInvalid, parse_envelope
+
+SERVICE_PORT_ENV = {"keygen": "KLM_KEYGEN_PORT", "rotation": "KLM_ROTATION_PORT",
+                    "backup": "KLM_BACKUP_PORT", "audit": "KLM_AUDIT_PORT"}
+
+
+def local_stack_env(repo: Path) -> dict[str, str]:
+    """What ``infra/stack.sh env`` exports (empty if the script cannot answer)."""
+    try:
+        out = subprocess.run([str(repo / "infra" / "stack.sh"), "env"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return {}
+    env = {}
+    for line in out.splitlines():
+        if line.startswith("export ") and "=" in line:
+            name, value = line[len("export "):].split("=", 1)
+            env[name] = value.strip("'\"")
+    return env
+
+
+def kafka_reachable(bootstrap: str) -> bool:
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    try:
+        with socket.create_connection((host or "localhost", int(port)), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+def pg_reachable(dsn: str) -> bool:
+    async def probe() -> bool:
+        try:
+            conn = await asyncpg.connect(dsn, timeout=5)
+        except (OSError, asyncpg.PostgresError):
+            return False
+        await conn.close()
+        return True
+
+    return asyncio.run(probe())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServiceProcess:
+    """A KLM service started as its own process (``klm-<name>``), as in production."""
+
+    def __init__(self, name: str, repo: Path, env: dict[str, str], logs: Path) -> None:
+        self.name = name
+        self.repo = repo
+        self.port = free_port()
+        self.env = {**os.environ, **env, SERVICE_PORT_ENV[name]: str(self.port)}
+        self.log_path = logs / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([str(self.repo / ".venv" / "bin" / f"klm-{self.name}")],
+                                     env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n"
+                                   + self.log_tail())
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.3)
+        raise TimeoutError(f"{self.name} not ready after {timeout}s:\n" + self.log_tail())
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def kill(self) -> None:
+        """SIGKILL: no graceful shutdown, no last commit."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def restart(self) -> None:
+        self.terminate()
+        self.start()
+
+
+class EventLog:
+    """Reads a topic from the beginning into memory; tests wait for events in it."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.topic = topic
+        self.events: list[CloudEvent] = []
+        self.garbage = 0
+        self._changed = asyncio.Condition()
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                          auto_offset_reset="earliest")
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        await self._consumer._client.force_metadata_update()  # noqa: SLF001
+        parts = self._consumer.partitions_for_topic(self.topic) or set()
+        tps = [TopicPartition(self.topic, p) for p in parts]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_beginning(*tps)
+        self._task = asyncio.create_task(self._read())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._consumer.stop()
+
+    async def _read(self) -> None:
+        async for record in self._consumer:
+            try:
+                event = parse_envelope(record.value)
+            except EnvelopeInvalid:
+                self.garbage += 1
+                continue
+            async with self._changed:
+                self.events.append(event)
+                self._changed.notify_all()
+
+    def matching(self, predicate: Callable[[CloudEvent], bool]) -> list[CloudEvent]:
+        return [e for e in self.events if predicate(e)]
+
+    async def wait_for(self, predicate: Callable[[CloudEvent], bool], count: int = 1,
+                       timeout: float = 60.0) -> list[CloudEvent]:
+        async def enough() -> list[CloudEvent]:
+            async with self._changed:
+                while len(found := self.matching(predicate)) < count:
+                    await self._changed.wait()
+                return found
+
+        try:
+            return await asyncio.wait_for(enough(), timeout)
+        except TimeoutError:
+            got = len(self.matching(predicate))
+            raise AssertionError(f"{self.topic}: {got} of {count} events after {timeout}s") \
+                from None
+
+    def answers_to(self, request_id: str) -> list[CloudEvent]:
+        return self.matching(lambda e: e.correlationid == request_id)
+
+
+async def publish(bootstrap: str, topic: str, values: list[tuple[bytes | None, bytes]]) -> None:
+    """Publish raw ``(key, value)`` records and wait until Kafka has them all."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True,
+                                acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, value, key=key) for key, value in values]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
