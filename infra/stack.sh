@@ -84,8 +84,9 @@ ensure_packages() {
 
 find_java() {
   local j
-  for j in "${KLM_JAVA:-}" "${JAVA_HOME:+$JAVA_HOME/bin/java}" \
-           /usr/lib/jvm/java-17-openjdk-*/bin/java /usr/lib/jvm/java-21-openjdk-*/bin/java \
+  # Java 17 first (what Kafka is tested with here), even if JAVA_HOME is newer
+  for j in "${KLM_JAVA:-}" /usr/lib/jvm/java-17-openjdk-*/bin/java \
+           "${JAVA_HOME:+$JAVA_HOME/bin/java}" /usr/lib/jvm/java-21-openjdk-*/bin/java \
            "$(command -v java || true)"; do
     [[ -n "$j" && -x "$j" ]] || continue
     local v
@@ -103,6 +104,15 @@ java_bin() {
   echo "$JAVA_BIN"
 }
 
+have_pg_server() {
+  local d
+  for d in ${KLM_PG_BIN:-} /usr/lib/postgresql/*/bin; do
+    [[ -x "$d/initdb" && -x "$d/pg_ctl" && -x "$d/postgres" ]] && return 0
+  done
+  return 1
+}
+
+# install (apt) what a component needs when its programs are missing
 ensure_tools() {
   local want=()
   for comp in "$@"; do
@@ -111,8 +121,8 @@ ensure_tools() {
         find_java >/dev/null || want+=(openjdk-17-jre-headless)
         command -v mvn >/dev/null || want+=(maven)
         command -v python3 >/dev/null || want+=(python3) ;;
-      postgres) want+=(postgresql) ;;
-      hsm) want+=(softhsm2) ;;
+      postgres) have_pg_server || want+=(postgresql) ;;
+      hsm) command -v softhsm2-util >/dev/null || want+=(softhsm2) ;;
     esac
   done
   ((${#want[@]})) && ensure_packages "${want[@]}"
@@ -166,8 +176,10 @@ ensure_secret() {
   [[ -s "$file" ]] && return 0
   mkdir -p "$SECRETS"
   chmod 700 "$SECRETS"
-  (umask 077 && od -An -tx1 -N"$bytes" /dev/urandom | tr -d ' \n' >"$file.tmp")
-  mv "$file.tmp" "$file"
+  (umask 077 && od -An -tx1 -N"$bytes" /dev/urandom | tr -d ' \n' >"$file.$$")
+  # ln is atomic and never replaces: with two concurrent callers, one wins
+  ln "$file.$$" "$file" 2>/dev/null || true
+  rm -f "$file.$$"
 }
 
 port_open() {
@@ -279,12 +291,13 @@ kafka_launch() {
       die "kafka: storage format failed, see $LOGS/kafka.out"
   fi
   note "kafka: starting"
+  # 9>&-: the broker must not inherit the lock (see take_lock)
   # shellcheck disable=SC2086  # KAFKA_HEAP holds several options
   nohup setsid "$java" $KAFKA_HEAP -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
     -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$INFRA_DIR/kafka/log4j2.properties" \
     -Dkafka.logs.dir="$LOGS" \
-    -cp "$cp" kafka.Kafka "$KAFKA_PROPS" >>"$LOGS/kafka.out" 2>&1 </dev/null &
+    -cp "$cp" kafka.Kafka "$KAFKA_PROPS" >>"$LOGS/kafka.out" 2>&1 </dev/null 9>&- &
   echo $! >"$KAFKA_PID"
 }
 
@@ -339,7 +352,8 @@ pg_bin() {
     if [[ -n "${KLM_PG_BIN:-}" ]]; then
       PG_BIN="$KLM_PG_BIN"
     else
-      PG_BIN="$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n1)"
+      PG_BIN="$(printf '%s\n' /usr/lib/postgresql/*/bin/postgres | sort -V | tail -n1)"
+      PG_BIN="${PG_BIN%/postgres}"
     fi
     [[ -x "$PG_BIN/pg_ctl" ]] || die "postgres: no server binaries (run: infra/stack.sh install)"
   fi
@@ -463,9 +477,10 @@ pg_up() {
     is_root && chown postgres:postgres "$PG_SOCK"
     write_pg_conf
     note "postgres: starting"
-    # no -l: the log file is opened here and inherited (see comment above)
+    # no -l: the log file is opened here and inherited (see comment above);
+    # 9>&-: the server must not inherit the lock (see take_lock)
     pg_as "$(pg_bin)/pg_ctl" start -D "$PGDATA_DIR" -w -t 60 -s \
-      >>"$LOGS/postgres.log" 2>&1 </dev/null ||
+      >>"$LOGS/postgres.log" 2>&1 </dev/null 9>&- ||
       die "postgres: start failed, see $LOGS/postgres.log"
   fi
   local i
@@ -493,6 +508,7 @@ pg_stop() {
   local pid
   pid="$(pg_pid)"
   if [[ -n "$pid" ]]; then
+    mkdir -p "$LOGS"
     pg_as "$(pg_bin)/pg_ctl" stop -D "$PGDATA_DIR" -m fast -w -t "$STOP_TIMEOUT" -s \
       >>"$LOGS/postgres.log" 2>&1 || stop_pid "$pid" postgres
     say "postgres: stopped"
@@ -518,9 +534,9 @@ HSM_MODULE=""
 hsm_module() {
   if [[ -z "$HSM_MODULE" ]]; then
     local m
-    for m in "${KLM_HSM_MODULE:-}" \
+    # /usr/lib/softhsm/ is Debian's arch-independent link to the library
+    for m in "${KLM_HSM_MODULE:-}" /usr/lib/softhsm/libsofthsm2.so \
              $(dpkg -L libsofthsm2 softhsm2 2>/dev/null | grep '/libsofthsm2\.so$' || true) \
-             /usr/lib/softhsm/libsofthsm2.so /usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so \
              /usr/local/lib/softhsm/libsofthsm2.so; do
       [[ -n "$m" && -f "$m" ]] && { HSM_MODULE="$m"; break; }
     done
@@ -623,6 +639,7 @@ cmd_env() {
   cat <<EOF
 export KLM_HOME='$KLM_HOME'
 export KLM_KAFKA_BOOTSTRAP='localhost:$KAFKA_PORT'
+export KLM_PG_DSN='postgresql://127.0.0.1:$PG_PORT/klm'
 export KLM_PG_ADMIN_DSN='postgresql://postgres:$pw@127.0.0.1:$PG_PORT/klm'
 export SOFTHSM2_CONF='$HSM_CONF'
 export KLM_HSM_MODULE='$(hsm_module)'
@@ -635,25 +652,32 @@ EOF
 cmd_reset() {
   cmd_down
   pg_paths
-  # keep the resolved Kafka classpath: it is a cache, not data
-  local keep
-  keep="$(mktemp -d)"
-  cp -p "$KAFKA_CP_FILE" "$KAFKA_CP_STAMP" "$keep/" 2>/dev/null || true
-  [[ "$PGDATA_DIR" == "$PG_FALLBACK/pg" ]] && rm -rf "$PG_FALLBACK"
-  rm -rf "${KLM_HOME:?}"
-  mkdir -p "$KAFKA_DIR"
-  cp -p "$keep"/* "$KAFKA_DIR/" 2>/dev/null || true
-  rm -rf "$keep"
+  if [[ "$PGDATA_DIR" == "$PG_FALLBACK/pg" ]]; then rm -rf "$PG_FALLBACK"; fi
+  # keep the lock and the resolved Kafka classpath (a cache, not data)
+  find "$KLM_HOME" -mindepth 1 -maxdepth 1 ! -name kafka ! -name stack.lock -exec rm -rf {} +
+  if [[ -d "$KAFKA_DIR" ]]; then
+    find "$KAFKA_DIR" -mindepth 1 -maxdepth 1 ! -name classpath.txt \
+      ! -name classpath.pom.sha256 -exec rm -rf {} +
+  fi
   say "reset: $KLM_HOME cleared"
 }
 
+# one mutating command at a time per KLM_HOME (e.g. `make -j`, two terminals)
+take_lock() {
+  exec 9>"$KLM_HOME/stack.lock"
+  flock -w 300 9 || die "another infra/stack.sh is still running"
+}
+
 usage() {
-  sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 main() {
   local cmd="${1:-}"
   (($#)) && shift
+  case "$cmd" in
+    install | up | down | reset) take_lock ;;
+  esac
   case "$cmd" in
     install) cmd_install ;;
     up) cmd_up "$@" ;;

@@ -99,8 +99,9 @@ class ServiceProcess:
             time.sleep(0.3)
         raise TimeoutError(f"{self.name} not ready after {timeout}s:\n" + self.log_tail())
 
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+    def log_tail(self, lines: int = 15, width: int = 400) -> str:
+        tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return "\n".join(line[:width] for line in tail)
 
     def kill(self) -> None:
         """SIGKILL: no graceful shutdown, no last commit."""
