@@ -12,7 +12,7 @@ from klm_common.errors import HsmUnavailable
 from klm_common.events import GenerateKey
 from klm_common.kafka import DeadLetters
 from klm_common.topics import Topics
-from klm_keygen.handlers import Deps, handle_request_batch
+from klm_keygen.handlers.requests import Deps, handle_request_batch
 
 from .fakes import FakeBroker, FakeHsm, FakeKeystore
 

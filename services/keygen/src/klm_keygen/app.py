@@ -11,23 +11,16 @@ from typing import Any
 from starlette.applications import Starlette
 
 from klm_common.errors import KlmError
-from klm_common.kafka import ensure_topics, subscriber_options
+from klm_common.kafka import ensure_topics
 from klm_common.service import Health, serve, service_app
 from klm_common.settings import KlmSettings
 from klm_common.telemetry import setup_telemetry
 from klm_keygen.bootstrap import Keygen, bootstrap
-from klm_keygen.handlers import handle_request_batch
+from klm_keygen.handlers import requests
 
 log = logging.getLogger(__name__)
-GROUP_ID = "klm-keygen"
-
-
-def register_subscribers(keygen: Keygen) -> None:
-    options = subscriber_options(keygen.settings, GROUP_ID)
-
-    @keygen.broker.subscriber(keygen.topics.requests, **options)
-    async def on_requests(records: list[Any]) -> None:
-        await handle_request_batch(records, keygen.deps)
+#: handler areas; each module's register(keygen) subscribes its handlers
+AREAS = [requests]
 
 
 async def _open_hsm_until_ready(keygen: Keygen) -> None:
@@ -66,7 +59,8 @@ def create_app(settings: KlmSettings | None = None) -> Starlette:
         health.add("postgres", lambda: _pg_ok(keygen))
         health.add("kafka", lambda: _kafka_ok(keygen))
         health.add("consuming", lambda: _started(starting))
-        register_subscribers(keygen)
+        for area in AREAS:
+            area.register(keygen)
         await keygen.producer.start()
         keygen.relay.start()
         # HTTP (health) is served while the HSM is still being waited for

@@ -15,7 +15,7 @@ from klm_common.settings import KlmSettings
 from klm_common.topics import Topics
 from klm_keygen.adapters.hsm import Pkcs11Hsm
 from klm_keygen.adapters.keystore import PgKeystore
-from klm_keygen.handlers import Deps
+from klm_keygen.handlers.requests import Deps
 
 
 @dataclass

@@ -103,6 +103,16 @@ class Pkcs11Hsm:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(session, master_kek, *args)`` on the HSM thread — how other adapter
+        modules (usage operations, backup wrapping) add operations to the one session."""
+        def call() -> T:
+            if self._session is None:
+                raise HsmUnavailable("no HSM session")
+            return fn(self._session, self._kek, *args)
+
+        return await self._run(call)
+
     def _open(self) -> None:
         try:
             lib = pkcs11.lib(self._module)

@@ -11,13 +11,14 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from aiokafka import ConsumerRecord
 
 from klm_common.envelope import CloudEvent, now
 from klm_common.errors import InfrastructureError, KlmError, UnknownRequestType
 from klm_common.events import GenerateKey, parse_data
-from klm_common.kafka import DeadLetters, Inbound, split_batch
+from klm_common.kafka import DeadLetters, Inbound, split_batch, subscriber_options
 from klm_keygen.adapters.hsm import Hsm
 from klm_keygen.adapters.keystore import KeystorePort
 from klm_keygen.domain.generation import (
@@ -30,7 +31,11 @@ from klm_keygen.domain.generation import (
 )
 from klm_keygen.domain.material import GeneratedVersion
 
+if TYPE_CHECKING:
+    from klm_keygen.bootstrap import Keygen
+
 log = logging.getLogger(__name__)
+GROUP_ID = "klm-keygen"
 
 
 @dataclass
@@ -79,6 +84,15 @@ async def _handle(records: Sequence[ConsumerRecord[bytes, bytes]], deps: Deps) -
     claimed = await deps.keystore.save([ev.id for ev in fresh], result.keys, result.answers)
     deps.on_commit()
     _count(deps, result, claimed)
+
+
+def register(keygen: Keygen) -> None:
+    """Subscribe the ``klm.requests`` batch handler."""
+    options = subscriber_options(keygen.settings, GROUP_ID)
+
+    @keygen.broker.subscriber(keygen.topics.requests, **options)
+    async def on_requests(records: list[Any]) -> None:
+        await handle_request_batch(records, keygen.deps)
 
 
 def _dedupe(inbound: list[Inbound]) -> list[Inbound]:
