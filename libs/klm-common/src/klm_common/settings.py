@@ -42,6 +42,10 @@ class KlmSettings(BaseSettings):
     backup_port: int = 8703
     audit_port: int = 8700
 
+    #: length of a policy "day" in seconds: 86400 in production; tests shrink it so that
+    #: cryptoperiods and destruction waiting periods (7–30 days) pass in seconds
+    day_seconds: float = 86400.0
+
     # batching: how many records a consumer takes at once and how long it waits to fill them
     batch_max_records: int = 500
     batch_timeout_ms: int = 5
