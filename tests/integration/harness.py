@@ -38,7 +38,7 @@ def local_stack_env(repo: Path) -> dict[str, str]:
 
 
 def kafka_reachable(bootstrap: str) -> bool:
-    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    host, _, port = bootstrap.split(",", maxsplit=1)[0].rpartition(":")
     try:
         with socket.create_connection((host or "localhost", int(port)), timeout=3):
             return True
@@ -136,7 +136,7 @@ class EventLog:
 
     async def start(self) -> None:
         await self._consumer.start()
-        await self._consumer._client.force_metadata_update()  # noqa: SLF001
+        await self._consumer._client.force_metadata_update()
         parts = self._consumer.partitions_for_topic(self.topic) or set()
         tps = [TopicPartition(self.topic, p) for p in parts]
         self._consumer.assign(tps)

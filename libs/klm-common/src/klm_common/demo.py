@@ -40,7 +40,8 @@ async def run_demo(console: Console) -> None:
                 table.add_row(label, "[red]rejected[/red]", exc.code, exc.message)
                 continue
             key_ids.append(str(fact.subject))
-            detail = fact.data.get("kcv") and f"kcv {fact.data['kcv']}" or \
+            kcv = fact.data.get("kcv")
+            detail = f"kcv {kcv}" if kcv else \
                 f"spki sha256 {str(fact.data.get('fingerprint_sha256'))[:16]}…"
             table.add_row(label, f"[green]{fact.type}[/green]", str(fact.subject), detail)
     console.print(table)

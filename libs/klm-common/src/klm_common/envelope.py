@@ -32,7 +32,7 @@ class EnvelopeInvalid(KlmError):
 
 
 class CloudEvent(BaseModel):
-    """CloudEvents 1.0 attributes plus the KLM extensions (klmschema, correlationid, causationid)."""
+    """CloudEvents 1.0 attributes plus KLM extensions (klmschema, correlationid, causationid)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

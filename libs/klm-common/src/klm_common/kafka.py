@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import uuid
 from collections.abc import Iterable, Sequence
@@ -70,10 +71,8 @@ async def ensure_topics(settings: KlmSettings, topics: Topics | None = None) -> 
         wanted = [NewTopic(name, num_partitions=n, replication_factor=1)
                   for name, n in topics.all().items() if name not in existing]
         if wanted:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # a concurrent creator won
                 await admin.create_topics(wanted)
-            except TopicAlreadyExistsError:
-                pass
     finally:
         await admin.close()
 

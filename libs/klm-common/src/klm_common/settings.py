@@ -31,7 +31,7 @@ class KlmSettings(BaseSettings):
     pg_pool_max: int = 10
 
     hsm_module: str = "/usr/lib/softhsm/libsofthsm2.so"
-    hsm_token_label: str = "klm"
+    hsm_token_label: str = "klm"  # noqa: S105 - a token label, not a secret
     hsm_pin: str | None = None
     hsm_pin_file: Path | None = None
 

@@ -183,7 +183,7 @@ class Pkcs11Hsm:
     def _generate_one(self, spec: KeySpec, protection: Protection,
                       obj_id: bytes) -> GeneratedVersion:
         resident = protection is Protection.HSM_RESIDENT
-        common = {Attribute.TOKEN: resident, Attribute.PRIVATE: True,
+        common: dict[Attribute, Any] = {Attribute.TOKEN: resident, Attribute.PRIVATE: True,
                   Attribute.SENSITIVE: True,
                   # a resident key is extractable only so that it can be wrapped for backup
                   Attribute.EXTRACTABLE: True}
@@ -209,7 +209,8 @@ class Pkcs11Hsm:
     def _keypair(self, spec: KeySpec, common: dict[Attribute, Any], resident: bool,
                  obj_id: bytes) -> GeneratedVersion:
         private = {**common, **_private_attributes(spec.usages)}
-        public = {Attribute.TOKEN: resident, **_public_attributes(spec.usages)}
+        public: dict[Attribute, Any] = {Attribute.TOKEN: resident,
+                                        **_public_attributes(spec.usages)}
         if resident:
             public[Attribute.ID] = obj_id
             public[Attribute.LABEL] = common[Attribute.LABEL]
