@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -11,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from klm_common.client import KlmClient, RequestRejectedError
+from klm_common.contract import export
 from klm_common.db import SERVICES, provision
 from klm_common.kafka import ensure_topics
 from klm_common.settings import KlmSettings
@@ -35,6 +37,17 @@ def topics_ensure() -> None:
     """Create the KLM topics with their partition counts (idempotent)."""
     asyncio.run(ensure_topics(KlmSettings()))
     console.print("kafka: topics ready")
+
+
+schemas_app = typer.Typer(help="the public contract: JSON Schemas and AsyncAPI")
+app.add_typer(schemas_app, name="schemas")
+
+
+@schemas_app.command("export")
+def schemas_export(folder: Path = Path("docs/contract")) -> None:
+    """Write docs/contract/asyncapi.json and one JSON Schema per event type."""
+    written = export(folder)
+    console.print(f"wrote {len(written)} files under {folder}")
 
 
 @app.command()

@@ -1,0 +1,97 @@
+"""The public contract, exported from the code: a JSON Schema per event type and an
+AsyncAPI 3.0 document of the KLM topics. ``klm schemas export`` writes them to
+``docs/contract/``; a unit test fails when the checked-in copies drift from the models.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from klm_common.envelope import SCHEMA_VERSION, CloudEvent
+from klm_common.events import EVENT_TYPES, EventData
+from klm_common.topics import COMMANDS, CRYPTO_REQUESTS, DLQ, LIFECYCLE, PARTITIONS, REQUESTS
+from klm_common.telemetry import VERSION
+
+#: which topic carries which event types, by their type prefix
+_TOPIC_OF_PREFIX = [
+    ("klm.request.rejected", LIFECYCLE),
+    ("klm.request.", REQUESTS),
+    ("klm.command.", COMMANDS),
+    ("klm.crypto.", CRYPTO_REQUESTS),
+    ("klm.dlq.", DLQ),
+    ("klm.", LIFECYCLE),
+]
+
+
+def topic_of(event_type: str) -> str:
+    return next(topic for prefix, topic in _TOPIC_OF_PREFIX if event_type.startswith(prefix))
+
+
+def event_schema(event_type: str, cls: type[EventData]) -> dict[str, Any]:
+    """JSON Schema of a whole CloudEvent whose ``data`` is ``cls``."""
+    envelope = CloudEvent.model_json_schema()
+    data = cls.model_json_schema()
+    defs = {**envelope.pop("$defs", {}), **data.pop("$defs", {})}
+    envelope["properties"]["type"] = {"const": event_type, "type": "string"}
+    envelope["properties"]["data"] = data
+    envelope["title"] = event_type
+    envelope["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    envelope["$id"] = f"urn:klm:schema:{event_type}:{SCHEMA_VERSION}"
+    if defs:
+        envelope["$defs"] = defs
+    return envelope
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    return {name: event_schema(name, cls) for name, cls in sorted(EVENT_TYPES.items())}
+
+
+def asyncapi_document() -> dict[str, Any]:
+    """AsyncAPI 3.0: one channel per topic, one message per event type."""
+    messages: dict[str, Any] = {}
+    channels: dict[str, Any] = {}
+    for name, cls in sorted(EVENT_TYPES.items()):
+        key = name.replace(".", "_")
+        messages[key] = {
+            "name": name, "title": name, "summary": (cls.__doc__ or name).strip().split("\n")[0],
+            "contentType": "application/cloudevents+json",
+            "payload": {"$ref": f"schemas/{name}.json"},
+        }
+        topic = topic_of(name)
+        channel = channels.setdefault(topic.replace(".", "_"), {
+            "address": topic, "messages": {},
+            "description": f"{PARTITIONS[topic]} partitions, record key = key_id "
+                           "(or the request id before a key exists)"})
+        channel["messages"][key] = {"$ref": f"#/components/messages/{key}"}
+    return {
+        "asyncapi": "3.0.0",
+        "info": {"title": "KLM — key lifecycle management", "version": VERSION,
+                 "description": "CloudEvents 1.0 structured JSON on every topic; "
+                                f"klmschema {SCHEMA_VERSION}."},
+        "defaultContentType": "application/cloudevents+json",
+        "channels": channels,
+        "components": {"messages": messages},
+    }
+
+
+def render() -> dict[str, str]:
+    """Relative path → file text of everything ``export`` writes."""
+    files = {f"schemas/{name}.json": _dump(schema) for name, schema in json_schemas().items()}
+    files["asyncapi.json"] = _dump(asyncapi_document())
+    return files
+
+
+def export(folder: Path) -> list[Path]:
+    written = []
+    for relative, text in render().items():
+        path = folder / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written.append(path)
+    return written
+
+
+def _dump(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
