@@ -10,11 +10,7 @@ from aiokafka import ConsumerRecord
 from klm_common.envelope import CloudEvent, make_event
 from klm_common.errors import HsmUnavailable
 from klm_common.events import GenerateKey
-from klm_common.kafka import DeadLetters
-from klm_common.topics import Topics
 from klm_keygen.handlers.requests import Deps, handle_request_batch
-
-from .fakes import FakeBroker, FakeHsm, FakeKeystore
 
 
 def record(value: bytes, offset: int = 0) -> ConsumerRecord[bytes, bytes]:
@@ -25,13 +21,6 @@ def request(**fields: Any) -> CloudEvent:
     return make_event(GenerateKey.event_type,
                       {"owner": "acme", "name": "n", "algorithm": "AES-256", **fields},
                       source="test")
-
-
-@pytest.fixture
-def deps() -> Deps:
-    broker: Any = FakeBroker()
-    return Deps(hsm=FakeHsm(), keystore=FakeKeystore(),
-                dead_letters=DeadLetters(broker, Topics(), "keygen"), retry_delay=0)
 
 
 async def test_one_hsm_call_per_batch_and_one_answer_per_request(deps: Deps) -> None:

@@ -1,4 +1,4 @@
-"""Hand-written fakes behind keygen's ports (cosmicpython style)."""
+"""Hand-written fakes behind keygen's ports (cosmicpython style), and the ``deps`` fixture."""
 
 from __future__ import annotations
 
@@ -7,11 +7,16 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
+
 from klm_common.algorithms import KeySpec, Protection
 from klm_common.envelope import CloudEvent
 from klm_common.errors import HsmUnavailable, KlmError
+from klm_common.kafka import DeadLetters
+from klm_common.topics import Topics
 from klm_keygen.domain.generation import NewKey
 from klm_keygen.domain.material import GeneratedVersion
+from klm_keygen.handlers.requests import Deps
 
 
 class FakeHsm:
@@ -59,3 +64,10 @@ class FakeBroker:
 
     async def publish(self, value: bytes, topic: str, **_: Any) -> None:
         self.published.append((topic, value))
+
+
+@pytest.fixture
+def deps() -> Deps:
+    broker: Any = FakeBroker()
+    return Deps(hsm=FakeHsm(), keystore=FakeKeystore(),
+                dead_letters=DeadLetters(broker, Topics(), "keygen"), retry_delay=0)
