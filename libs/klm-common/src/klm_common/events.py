@@ -105,6 +105,109 @@ class DeactivateVersion(EventData):
     version: int = Field(ge=1)
 
 
+# ========== usage operations (topic klm.crypto.requests → the requester's reply topic) ==========
+#: base64 (RFC 4648 §4, padded) of binary fields; decoded and checked by keygen
+B64_PATTERN = r"^[A-Za-z0-9+/]*={0,2}$"
+#: a safe Kafka topic name; keygen also requires its configured reply-topic prefix
+REPLY_TOPIC_PATTERN = r"^[A-Za-z0-9._-]{1,249}$"
+HashName = Literal["SHA-256", "SHA-384", "SHA-512"]
+_B64_MAX = 350_000  # a record is at most 256 KiB anyway
+
+
+class _CryptoRequest(EventData):
+    """A usage operation: keygen answers on ``reply_to`` with a :class:`CryptoReply` whose
+    ``correlationid`` is this request's ``id``."""
+
+    key_id: KeyId = Field(pattern=KEY_ID_PATTERN)
+    owner: str = Field(pattern=OWNER_PATTERN, description="tenant the operation is asked for")
+    reply_to: str = Field(pattern=REPLY_TOPIC_PATTERN,
+                          description="topic for the reply: <prefix>klm.crypto.replies.<name>")
+
+
+class CryptoSign(_CryptoRequest):
+    """Sign with the primary version: ECDSA (DER signature), Ed25519, RSA-PSS or PKCS#1 v1.5."""
+
+    event_type = "klm.crypto.sign"
+    data_b64: str = Field(pattern=B64_PATTERN, max_length=_B64_MAX)
+    hash: HashName | None = Field(default=None, description="default: by curve/size")
+    scheme: Literal["pss", "pkcs1v15"] | None = Field(default=None, description="RSA only")
+
+
+class CryptoVerify(_CryptoRequest):
+    event_type = "klm.crypto.verify"
+    data_b64: str = Field(pattern=B64_PATTERN, max_length=_B64_MAX)
+    signature_b64: str = Field(pattern=B64_PATTERN, max_length=2048)
+    version: int | None = Field(default=None, ge=1, description="from the signature envelope")
+    hash: HashName | None = None
+    scheme: Literal["pss", "pkcs1v15"] | None = None
+
+
+class CryptoEncrypt(_CryptoRequest):
+    """AES-GCM (96-bit nonce from the HSM, 128-bit tag) or RSA-OAEP (SHA-256)."""
+
+    event_type = "klm.crypto.encrypt"
+    plaintext_b64: str = Field(pattern=B64_PATTERN, max_length=_B64_MAX)
+    aad_b64: str | None = Field(default=None, pattern=B64_PATTERN, max_length=65536,
+                                description="associated data (GCM) or OAEP label")
+
+
+class CryptoDecrypt(_CryptoRequest):
+    event_type = "klm.crypto.decrypt"
+    version: int = Field(ge=1, description="from the ciphertext envelope")
+    ciphertext_b64: str = Field(pattern=B64_PATTERN, max_length=_B64_MAX)
+    nonce_b64: str | None = Field(default=None, pattern=B64_PATTERN, max_length=512)
+    aad_b64: str | None = Field(default=None, pattern=B64_PATTERN, max_length=65536)
+
+
+class CryptoMac(_CryptoRequest):
+    event_type = "klm.crypto.mac"
+    data_b64: str = Field(pattern=B64_PATTERN, max_length=_B64_MAX)
+
+
+class CryptoMacVerify(_CryptoRequest):
+    event_type = "klm.crypto.mac_verify"
+    data_b64: str = Field(pattern=B64_PATTERN, max_length=_B64_MAX)
+    mac_b64: str = Field(pattern=B64_PATTERN, max_length=128)
+    version: int | None = Field(default=None, ge=1)
+
+
+class CryptoWrap(_CryptoRequest):
+    """Wrap caller key material (e.g. a data key) under an AES key with AES-KWP (RFC 5649)."""
+
+    event_type = "klm.crypto.wrap"
+    key_b64: str = Field(pattern=B64_PATTERN, max_length=1400)
+
+
+class CryptoUnwrap(_CryptoRequest):
+    event_type = "klm.crypto.unwrap"
+    wrapped_b64: str = Field(pattern=B64_PATTERN, max_length=1400)
+    version: int = Field(ge=1)
+
+
+class CryptoReply(EventData):
+    """The one answer to a ``klm.crypto.*`` request. ``ok`` false carries ``code``/``message``
+    (usage_not_permitted, key_not_active, forbidden, key_not_found, invalid_request, ...).
+    ``key_id`` + ``version`` + ``algorithm`` form the envelope of a signature or ciphertext."""
+
+    event_type = "klm.crypto.reply"
+    operation: str
+    ok: bool
+    code: str | None = None
+    message: str | None = None
+    key_id: str | None = None
+    version: int | None = None
+    algorithm: str | None = None
+    warning: str | None = Field(default=None, description="e.g. the version is compromised")
+    signature_b64: str | None = None
+    valid: bool | None = Field(default=None, description="verify / mac_verify outcome")
+    ciphertext_b64: str | None = None
+    nonce_b64: str | None = None
+    plaintext_b64: str | None = None
+    mac_b64: str | None = None
+    wrapped_b64: str | None = None
+    key_b64: str | None = None
+
+
 # ============================ facts (topic klm.lifecycle) ============================
 class KeyMetadata(EventData):
     """What every fact about a key says about it (no material, ever)."""
@@ -230,6 +333,24 @@ class UsageDenied(EventData):
     code: str
     requester: str
     version: int | None = None
+    tenant: str | None = Field(default=None, description="tenant the refused request named")
+    message: str | None = None
+
+
+class UsageSummary(EventData):
+    """Successful uses of one key in one interval (one fact per key and interval, not one
+    per operation): counts by operation and version, and the last-used time."""
+
+    event_type = "klm.key.usage_summary"
+    key_id: KeyId
+    owner: str
+    interval_start: datetime
+    interval_end: datetime
+    last_used_at: datetime
+    total: int
+    operations: dict[str, int]
+    versions: dict[str, int] = Field(default_factory=dict)
+    warnings: int = Field(default=0, description="uses of a compromised version")
 
 
 class AuditCheckpoint(EventData):
@@ -273,6 +394,8 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         KeyReactivated, KeyCompromised, KeyDeactivated, DestructionScheduled,
         DestructionCancelled, KeyDestroyed, KeyBackedUp, KeyRestored, PolicyViolation,
         UsageDenied, AuditCheckpoint, RequestRejected, DeadLetter,
+        CryptoSign, CryptoVerify, CryptoEncrypt, CryptoDecrypt, CryptoMac, CryptoMacVerify,
+        CryptoWrap, CryptoUnwrap, CryptoReply, UsageSummary,
     )
 }
 REQUEST_TYPES = frozenset(t for t in EVENT_TYPES if t.startswith("klm.request.")) - {
