@@ -11,8 +11,8 @@ from typing import Any
 
 from klm_common.envelope import SCHEMA_VERSION, CloudEvent
 from klm_common.events import EVENT_TYPES, EventData
-from klm_common.topics import COMMANDS, CRYPTO_REQUESTS, DLQ, LIFECYCLE, PARTITIONS, REQUESTS
 from klm_common.telemetry import VERSION
+from klm_common.topics import COMMANDS, CRYPTO_REQUESTS, DLQ, LIFECYCLE, PARTITIONS, REQUESTS
 
 #: which topic carries which event types, by their type prefix
 _TOPIC_OF_PREFIX = [

@@ -21,7 +21,9 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from faststream.kafka import KafkaBroker
+from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
 from faststream.middlewares import AckPolicy
+from opentelemetry import metrics, trace
 
 from klm_common.envelope import CloudEvent, EnvelopeInvalid, make_event, parse_envelope
 from klm_common.events import DeadLetter
@@ -35,7 +37,9 @@ KLM_NAMESPACE = uuid.UUID("5b0f5c8e-2a4e-4c57-9a59-6f3f0f1b4a11")
 
 
 def make_broker(settings: KlmSettings, client_id: str, **kwargs: Any) -> KafkaBroker:
-    """A FastStream broker with KLM's delivery settings."""
+    """A FastStream broker with KLM's delivery settings and tracing: the telemetry middleware
+    continues the trace found in each record's ``traceparent`` header (batches link theirs),
+    and events written to an outbox inside a handler carry that context onwards."""
     return KafkaBroker(
         settings.kafka_bootstrap,
         client_id=client_id,
@@ -44,6 +48,8 @@ def make_broker(settings: KlmSettings, client_id: str, **kwargs: Any) -> KafkaBr
         linger_ms=2,
         ack_policy=AckPolicy.NACK_ON_ERROR,
         graceful_timeout=15.0,
+        middlewares=[KafkaTelemetryMiddleware(tracer_provider=trace.get_tracer_provider(),
+                                              meter_provider=metrics.get_meter_provider())],
         **kwargs,
     )
 
