@@ -52,6 +52,9 @@ class _KeyRequest(EventData):
 
 class RotateKey(_KeyRequest):
     event_type = "klm.request.rotate_key"
+    deactivate_previous: bool = Field(
+        default=False, description="policy: the previous version stops processing at once "
+        "(klm.key.version_deactivated); by default it stays able to decrypt/verify/unwrap")
 
 
 class SuspendKey(_KeyRequest):
@@ -300,6 +303,17 @@ class KeyDestroyed(_StateChange):
     evidence: dict[str, Any] = Field(default_factory=dict)
 
 
+class KeyOrphanDestroyed(EventData):
+    """keygen found an hsm-resident object with no keystore row (a crash between the HSM call
+    and the commit) and destroyed it; no key ever existed for it, so there is no key_id."""
+
+    event_type = "klm.key.orphan_destroyed"
+    hsm_object_id: str = Field(description="CKA_ID, hex")
+    label: str
+    object_classes: list[str]
+    token_label: str
+
+
 class KeyBackedUp(KeyMetadata):
     event_type = "klm.key.backed_up"
     version: int
@@ -392,8 +406,8 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         CancelDestruction, BackupKey, RestoreKey, DestroyKey, DeactivateVersion,
         KeyGenerated, KeyActivated, KeyRotated, KeyVersionDeactivated, KeySuspended,
         KeyReactivated, KeyCompromised, KeyDeactivated, DestructionScheduled,
-        DestructionCancelled, KeyDestroyed, KeyBackedUp, KeyRestored, PolicyViolation,
-        UsageDenied, AuditCheckpoint, RequestRejected, DeadLetter,
+        DestructionCancelled, KeyDestroyed, KeyOrphanDestroyed, KeyBackedUp, KeyRestored,
+        PolicyViolation, UsageDenied, AuditCheckpoint, RequestRejected, DeadLetter,
         CryptoSign, CryptoVerify, CryptoEncrypt, CryptoDecrypt, CryptoMac, CryptoMacVerify,
         CryptoWrap, CryptoUnwrap, CryptoReply, UsageSummary,
     )
