@@ -93,6 +93,28 @@ class RestoreKey(_KeyRequest):
     version: int | None = Field(default=None, ge=1)
 
 
+
+# ============== inventory requests (topic klm.inventory.requests, served by rotation) ==============
+class ImportObservedKey(EventData):
+    """Put a key KLM did not generate (discovered elsewhere) into the inventory, metadata only,
+    so the compliance scan covers it. Answered by ``klm.key.observed`` or a rejection."""
+
+    event_type = "klm.request.import_observed_key"
+    key_id: KeyId | None = Field(default=None, pattern=KEY_ID_PATTERN,
+                                 description="default: derived from the request id")
+    owner: str = Field(pattern=OWNER_PATTERN)
+    name: str = Field(min_length=1, max_length=200)
+    algorithm: str = Field(min_length=1, max_length=32, description="as found, e.g. HMAC-SHA1")
+    size: int = Field(ge=1, le=16384)
+    curve: str | None = Field(default=None, max_length=32)
+    usages: list[str] = Field(min_length=1, max_length=8)
+    profile: str | None = Field(default=None, max_length=100)
+    policy: str | None = Field(default=None, max_length=100)
+    location: str = Field(min_length=1, max_length=500, description="where the key lives")
+    created_at: datetime = Field(description="when the key (its current version) was made")
+    fingerprint_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    labels: dict[str, str] = Field(default_factory=dict, max_length=32)
+
 # ===================== internal commands to keygen (topic klm.commands) =====================
 class DestroyKey(_KeyRequest):
     """Sent by rotation when a scheduled destruction is due."""
@@ -339,6 +361,36 @@ class PolicyViolation(EventData):
     cleared: bool = False
 
 
+
+class KeyObserved(KeyMetadata):
+    """A key KLM did not generate is in the inventory (answer to import_observed_key)."""
+
+    event_type = "klm.key.observed"
+    name: str
+    algorithm: str
+    size: int
+    curve: str | None = None
+    usages: list[str]
+    profile: str | None = None
+    policy: str | None = None
+    location: str
+    created_at: datetime
+    fingerprint_sha256: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class PolicyChanged(EventData):
+    """The crypto policy in force changed (loaded at start or reloaded)."""
+
+    event_type = "klm.policy.changed"
+    name: str
+    version: int
+    sha256: str
+    previous_sha256: str | None = None
+    path: str
+    changed: list[str] = Field(default_factory=list, description="sections that differ")
+    loaded_by: str
+
 class UsageDenied(EventData):
     event_type = "klm.key.usage_denied"
     key_id: KeyId
@@ -410,6 +462,7 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         PolicyViolation, UsageDenied, AuditCheckpoint, RequestRejected, DeadLetter,
         CryptoSign, CryptoVerify, CryptoEncrypt, CryptoDecrypt, CryptoMac, CryptoMacVerify,
         CryptoWrap, CryptoUnwrap, CryptoReply, UsageSummary,
+        ImportObservedKey, KeyObserved, PolicyChanged,
     )
 }
 REQUEST_TYPES = frozenset(t for t in EVENT_TYPES if t.startswith("klm.request.")) - {

@@ -10,8 +10,11 @@ DLQ = "klm.dlq"
 CRYPTO_REQUESTS = "klm.crypto.requests"
 #: internal: rotation/backup → keygen commands (destroy, deactivate version, wrap, restore)
 COMMANDS = "klm.commands"
+#: internal: inventory requests served by rotation (import_observed_key)
+INVENTORY_REQUESTS = "klm.inventory.requests"
 
-PARTITIONS = {REQUESTS: 6, LIFECYCLE: 6, DLQ: 1, CRYPTO_REQUESTS: 6, COMMANDS: 6}
+PARTITIONS = {REQUESTS: 6, LIFECYCLE: 6, DLQ: 1, CRYPTO_REQUESTS: 6, COMMANDS: 6,
+              INVENTORY_REQUESTS: 6}
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +45,10 @@ class Topics:
     @property
     def commands(self) -> str:
         return self.name(COMMANDS)
+
+    @property
+    def inventory_requests(self) -> str:
+        return self.name(INVENTORY_REQUESTS)
 
     def all(self) -> dict[str, int]:
         return {self.name(base): n for base, n in PARTITIONS.items()}
