@@ -348,6 +348,9 @@ class KeyRestored(KeyMetadata):
     event_type = "klm.key.restored"
     version: int
     backup_id: str
+    versions: list[int] = Field(default_factory=list,
+                                description="every version restored (``version`` is the newest)")
+    recovery_id: str | None = Field(default=None, description="the disaster recovery run, if any")
 
 
 class PolicyViolation(EventData):
@@ -451,6 +454,146 @@ class DeadLetter(EventData):
     consumer: str
 
 
+# ====== internal: backup service ⇄ keygen (topics klm.backup.commands → keygen, klm.backup) ======
+class BackupMaterial(BaseModel):
+    """One key version as the backup service keeps it: metadata, public facts and the
+    material wrapped (AES-KWP) under the backup KEK — never clear material. ``blob_b64`` is
+    None for a version whose policy forbids backing up its private half (public-only)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    key_id: KeyId = Field(pattern=KEY_ID_PATTERN)
+    version: int = Field(ge=1)
+    owner: str
+    name: str
+    algorithm: str
+    size: int
+    curve: str | None = None
+    usages: list[str]
+    protection: str
+    policy: str | None = None
+    profile: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    key_created_at: datetime
+    version_state: str
+    version_created_at: datetime
+    public_der_b64: str | None = None
+    kcv: str | None = None
+    hsm_object_id_hex: str | None = None
+    blob_b64: str | None = Field(default=None, max_length=16384)
+    backup_kek_kcv: str | None = None
+
+
+class VersionRef(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    key_id: KeyId = Field(pattern=KEY_ID_PATTERN)
+    version: int = Field(ge=1)
+
+
+class WrapForBackup(EventData):
+    """backup → keygen: wrap these versions under the backup KEK."""
+
+    event_type = "klm.backup.wrap_versions"
+    versions: list[VersionRef] = Field(min_length=1, max_length=500)
+
+
+class BackupFailure(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    key_id: str
+    version: int
+    code: str
+    message: str
+
+
+class VersionsWrapped(EventData):
+    """keygen → backup: the wrapped blobs (and the versions that could not be wrapped)."""
+
+    event_type = "klm.backup.versions_wrapped"
+    materials: list[BackupMaterial] = Field(default_factory=list)
+    failures: list[BackupFailure] = Field(default_factory=list)
+
+
+class RestoreVersions(EventData):
+    """backup → keygen: put these versions of one key back into the keystore/HSM; keygen
+    answers with ``klm.key.restored`` or ``klm.request.rejected``."""
+
+    event_type = "klm.backup.restore_versions"
+    key_id: KeyId = Field(pattern=KEY_ID_PATTERN)
+    key_state: str
+    primary_version: int = Field(ge=1)
+    materials: list[BackupMaterial] = Field(min_length=1, max_length=60)
+    backup_ids: list[str] = Field(min_length=1, max_length=60)
+    recovery_id: str | None = None
+
+
+class CheckBackups(EventData):
+    """backup → keygen (restore drill): unwrap each blob into a scratch session object,
+    report its key check value / fingerprint, destroy it; the keystore is not touched."""
+
+    event_type = "klm.backup.check_blobs"
+    drill_id: str
+    materials: list[BackupMaterial] = Field(min_length=1, max_length=60)
+
+
+class BlobCheck(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    key_id: str
+    version: int
+    kcv: str | None = None
+    fingerprint_sha256: str | None = None
+    code: str | None = Field(default=None, description="why the blob did not unwrap")
+    message: str | None = None
+
+
+class BackupsChecked(EventData):
+    event_type = "klm.backup.blobs_checked"
+    drill_id: str
+    results: list[BlobCheck]
+
+
+class RecoverAll(EventData):
+    """operator → backup (``klm backup recover``): restore every non-destroyed key."""
+
+    event_type = "klm.backup.recover_all"
+    reason: str = Field(default="disaster recovery", max_length=500)
+
+
+class StartDrill(EventData):
+    """operator → backup: run a restore drill now (drills also run on a schedule)."""
+
+    event_type = "klm.backup.start_drill"
+    sample: int = Field(default=20, ge=1, le=1000)
+
+
+# ========================== backup facts (topic klm.lifecycle) ==========================
+class BackupShredded(EventData):
+    """Crypto-shredding evidence: the backups of a destroyed key are gone."""
+
+    event_type = "klm.backup.shredded"
+    key_id: KeyId
+    owner: str | None = None
+    versions: list[int]
+    backup_ids: list[str]
+    blob_sha256: list[str]
+    destroyed_event_id: str
+
+
+class DrillCompleted(EventData):
+    event_type = "klm.backup.drill_completed"
+    drill_id: str
+    sampled: int
+    passed: int
+    failed: int
+    failures: list[BackupFailure] = Field(default_factory=list)
+
+
+class RecoveryStarted(EventData):
+    event_type = "klm.backup.recovery_started"
+    recovery_id: str
+    keys: int
+    versions: int
+    refused: list[BackupFailure] = Field(default_factory=list)
+
+
 EVENT_TYPES: dict[str, type[EventData]] = {
     cls.event_type: cls
     for cls in (
@@ -463,6 +606,8 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         CryptoSign, CryptoVerify, CryptoEncrypt, CryptoDecrypt, CryptoMac, CryptoMacVerify,
         CryptoWrap, CryptoUnwrap, CryptoReply, UsageSummary,
         ImportObservedKey, KeyObserved, PolicyChanged,
+        WrapForBackup, VersionsWrapped, RestoreVersions, CheckBackups, BackupsChecked,
+        RecoverAll, StartDrill, BackupShredded, DrillCompleted, RecoveryStarted,
     )
 }
 REQUEST_TYPES = frozenset(t for t in EVENT_TYPES if t.startswith("klm.request.")) - {

@@ -12,9 +12,13 @@ CRYPTO_REQUESTS = "klm.crypto.requests"
 COMMANDS = "klm.commands"
 #: internal: inventory requests served by rotation (import_observed_key)
 INVENTORY_REQUESTS = "klm.inventory.requests"
+#: internal: backup service → keygen (wrap for backup, restore, drill checks)
+BACKUP_COMMANDS = "klm.backup.commands"
+#: internal: keygen and operators → backup service (wrapped blobs, drill results, DR)
+BACKUP = "klm.backup"
 
 PARTITIONS = {REQUESTS: 6, LIFECYCLE: 6, DLQ: 1, CRYPTO_REQUESTS: 6, COMMANDS: 6,
-              INVENTORY_REQUESTS: 6}
+              INVENTORY_REQUESTS: 6, BACKUP_COMMANDS: 6, BACKUP: 6}
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +53,14 @@ class Topics:
     @property
     def inventory_requests(self) -> str:
         return self.name(INVENTORY_REQUESTS)
+
+    @property
+    def backup_commands(self) -> str:
+        return self.name(BACKUP_COMMANDS)
+
+    @property
+    def backup(self) -> str:
+        return self.name(BACKUP)
 
     def all(self) -> dict[str, int]:
         return {self.name(base): n for base, n in PARTITIONS.items()}
