@@ -16,11 +16,12 @@ from klm_common.service import Health, serve, service_app
 from klm_common.settings import KlmSettings
 from klm_common.telemetry import setup_telemetry
 from klm_keygen.bootstrap import Keygen, bootstrap
-from klm_keygen.handlers import requests
+from klm_keygen.handlers import commands, requests
+from klm_keygen.handlers.orphans import destroy_orphans
 
 log = logging.getLogger(__name__)
 #: handler areas; each module's register(keygen) subscribes its handlers
-AREAS = [requests]
+AREAS = [requests, commands]
 
 
 async def _open_hsm_until_ready(keygen: Keygen) -> None:
@@ -38,8 +39,22 @@ async def _open_hsm_until_ready(keygen: Keygen) -> None:
 
 async def _start_consuming(keygen: Keygen) -> None:
     await _open_hsm_until_ready(keygen)
+    await _sweep_orphans(keygen)
     await keygen.broker.start()
     log.info("keygen ready: consuming %s", keygen.topics.requests)
+
+
+async def _sweep_orphans(keygen: Keygen) -> None:
+    """Before consuming: resident objects left by a crash before commit are destroyed."""
+    delay = 0.5
+    while True:
+        try:
+            await destroy_orphans(keygen.hsm, keygen.deps.keystore)
+            return
+        except Exception as exc:  # consuming must start once the HSM is back
+            log.warning("orphan sweep failed (%s); retrying in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 async def _started(task: asyncio.Task[None]) -> bool:

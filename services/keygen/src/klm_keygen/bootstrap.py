@@ -35,8 +35,10 @@ async def bootstrap(settings: KlmSettings) -> Keygen:
     broker = make_broker(settings, "klm-keygen")
     producer = make_producer(settings, "klm-keygen-outbox")
     pool = await create_pool(settings, "keygen")
-    hsm = Pkcs11Hsm(settings.hsm_module, settings.hsm_token_label, settings.hsm_user_pin())
+    # the PIN is read at each (re)open: a corrected PIN file is picked up without a restart
+    hsm = Pkcs11Hsm(settings.hsm_module, settings.hsm_token_label, settings.hsm_user_pin)
     relay = OutboxRelay(pool, producer, batch=settings.outbox_batch)
     deps = Deps(hsm=hsm, keystore=PgKeystore(pool, topics.lifecycle),
-                dead_letters=DeadLetters(broker, topics, "keygen"), on_commit=relay.wake)
+                dead_letters=DeadLetters(broker, topics, "keygen"), on_commit=relay.wake,
+                day_seconds=settings.day_seconds)
     return Keygen(settings, topics, broker, producer, pool, hsm, relay, deps)

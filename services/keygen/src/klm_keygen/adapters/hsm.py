@@ -9,8 +9,10 @@ PKCS#11 errors are mapped to :mod:`klm_common.errors` here, at the edge.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
@@ -23,6 +25,7 @@ from pkcs11.util.ec import encode_named_curve_parameters
 
 from klm_common.algorithms import CURVES, Algorithm, KeySpec, Protection, Usage
 from klm_common.errors import HsmError, HsmUnavailable, KlmError, MechanismUnavailable
+from klm_keygen.adapters import hsm_lifecycle
 from klm_keygen.domain.material import GeneratedVersion
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,11 @@ class Hsm(Protocol):
                        ) -> list[GeneratedVersion | KlmError]: ...
 
     async def healthy(self) -> bool: ...
+
+    async def destroy_objects(self, object_ids: Sequence[bytes]) -> dict[str, list[str]]: ...
+
+    @property
+    def token_label(self) -> str: ...
 
 
 def _usage_attributes(usages: frozenset[Usage]) -> dict[Attribute, bool]:
@@ -69,22 +77,44 @@ def _public_attributes(usages: frozenset[Usage]) -> dict[Attribute, bool]:
             Attribute.WRAP: Usage.WRAP in usages or Usage.UNWRAP in usages}
 
 
+#: errors that mean the session or token is gone, not that one operation was refused
+_LOST = (pkcs11.SessionHandleInvalid, pkcs11.SessionClosed, pkcs11.DeviceRemoved,
+         pkcs11.TokenNotPresent, pkcs11.DeviceError, pkcs11.DeviceMemory,
+         pkcs11.TokenNotRecognised, pkcs11.UserNotLoggedIn)
+
+
 def object_id(key_id: str, version: int) -> bytes:
     """CKA_ID of an hsm-resident key version: derived from key id and version."""
     return hashlib.sha256(f"{key_id}#{version}".encode()).digest()[:16]
 
 
 class Pkcs11Hsm:
-    """One PKCS#11 session on one thread, with the master KEK found or created at open."""
+    """One PKCS#11 session on one thread, with the master KEK found or created at open.
 
-    def __init__(self, module: str, token_label: str, pin: str) -> None:
+    The session heals itself: when a call fails and the token no longer answers (module
+    missing, token absent, wrong PIN, session lost), the session is dropped and the next call
+    (a batch, a health probe) re-initialises the library and opens a new one — no restart.
+    """
+
+    #: least time between two attempts to (re)open the session
+    REOPEN_INTERVAL = 0.5
+
+    def __init__(self, module: str, token_label: str, pin: str | Callable[[], str]) -> None:
         self._module = module
         self._token_label = token_label
-        self._pin = pin
+        self._pin = pin if callable(pin) else (lambda: pin)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pkcs11")
         self._session: Any = None
         self._kek: Any = None
         self._mechanisms: frozenset[Mechanism] = frozenset()
+        self._lib_loaded = False
+        self._last_attempt = 0.0
+        #: incremented at every (re)open: object handles from an older session are void
+        self.generation = 0
+
+    @property
+    def token_label(self) -> str:
+        return self._token_label
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def open(self) -> None:
@@ -96,7 +126,7 @@ class Pkcs11Hsm:
 
     async def healthy(self) -> bool:
         try:
-            return bool(await self._run(self._ping))
+            return bool(await self._run(self._healthy))
         except KlmError:
             return False
 
@@ -105,36 +135,87 @@ class Pkcs11Hsm:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(session, master_kek, *args)`` on the HSM thread — how other adapter
-        modules (usage operations, backup wrapping) add operations to the one session."""
+        modules (usage operations, backup wrapping) add operations to the one session.
+
+        A PKCS#11 error is re-raised as is when the token still answers (the HSM refused this
+        operation); when it does not, the session is dropped and :class:`HsmUnavailable`
+        raised, so the caller retries later instead of answering."""
         def call() -> T:
-            if self._session is None:
-                raise HsmUnavailable("no HSM session")
-            return fn(self._session, self._kek, *args)
+            session = self._ensure_session()
+            try:
+                return fn(session, self._kek, *args)
+            except pkcs11.PKCS11Error as exc:
+                self._raise_if_lost(exc)
+                raise
 
         return await self._run(call)
 
+    # the methods below run on the HSM thread only
+    def _ensure_session(self) -> Any:
+        if self._session is None:
+            now = time.monotonic()
+            if now - self._last_attempt < self.REOPEN_INTERVAL:
+                raise HsmUnavailable("no HSM session (reconnecting)")
+            self._last_attempt = now
+            self._open()
+        return self._session
+
     def _open(self) -> None:
+        self._drop_session()
         try:
             lib = pkcs11.lib(self._module)
+            if self._lib_loaded:
+                # C_Finalize + C_Initialize: SoftHSM re-reads its token directory, so a
+                # returned or newly initialised token becomes visible again
+                lib.reinitialize()
+            self._lib_loaded = True
             token = lib.get_token(token_label=self._token_label)
-            self._session = token.open(rw=True, user_pin=self._pin)
+            self._session = token.open(rw=True, user_pin=self._pin())
             self._mechanisms = frozenset(token.slot.get_mechanisms())
+            self._kek = self._find_or_create_master_kek()
         except (pkcs11.PKCS11Error, RuntimeError, OSError) as exc:
+            self._drop_session()
             raise HsmUnavailable(f"cannot open token {self._token_label!r}: "
-                                 f"{type(exc).__name__}") from exc
-        self._kek = self._find_or_create_master_kek()
+                                 f"{type(exc).__name__} {exc}".strip()) from exc
+        self.generation += 1
         log.info("HSM session open on token %r", self._token_label)
 
-    def _close(self) -> None:
-        if self._session is not None:
-            self._session.close()
-            self._session = None
+    def _drop_session(self) -> None:
+        session, self._session, self._kek = self._session, None, None
+        if session is not None:
+            with contextlib.suppress(Exception):
+                session.close()
 
-    def _ping(self) -> bool:
+    def _close(self) -> None:
+        self._drop_session()
+
+    def _alive(self) -> bool:
+        """Does the token still answer and hold the master KEK?"""
         if self._session is None:
             return False
-        self._session.get_key(label=MASTER_KEK_LABEL, key_type=KeyType.AES)
-        return True
+        try:
+            self._session.get_key(label=MASTER_KEK_LABEL, key_type=KeyType.AES,
+                                  object_class=ObjectClass.SECRET_KEY)
+            return True
+        except (pkcs11.PKCS11Error, RuntimeError):
+            return False
+
+    def _raise_if_lost(self, exc: BaseException) -> None:
+        if isinstance(exc, _LOST) or not self._alive():
+            log.warning("HSM session lost (%s); will reconnect", type(exc).__name__)
+            self._drop_session()
+            raise HsmUnavailable(f"HSM session lost: {type(exc).__name__}") from exc
+
+    def _healthy(self) -> bool:
+        try:
+            self._ensure_session()
+        except HsmUnavailable:
+            return False
+        if self._alive():
+            return True
+        log.warning("HSM token does not answer; will reconnect")
+        self._drop_session()
+        return False
 
     def _find_or_create_master_kek(self) -> Any:
         try:
@@ -151,6 +232,14 @@ class Pkcs11Hsm:
                           Attribute.SIGN: False, Attribute.VERIFY: False,
                           Attribute.DERIVE: False})
 
+    # ---- end of life ----------------------------------------------------------------------
+    async def destroy_objects(self, object_ids: Sequence[bytes]) -> dict[str, list[str]]:
+        """Destroy the token objects of hsm-resident versions (see :mod:`.hsm_lifecycle`)."""
+        return await self.run(hsm_lifecycle.destroy_objects, list(object_ids))
+
+    async def resident_objects(self) -> list[hsm_lifecycle.ResidentObject]:
+        return await self.run(hsm_lifecycle.resident_objects)
+
     # ---- generation -----------------------------------------------------------------------
     async def generate(self, specs: Sequence[tuple[KeySpec, Protection, bytes]]
                        ) -> list[GeneratedVersion | KlmError]:
@@ -159,8 +248,7 @@ class Pkcs11Hsm:
 
     def _generate_batch(self, specs: list[tuple[KeySpec, Protection, bytes]]
                         ) -> list[GeneratedVersion | KlmError]:
-        if self._session is None:
-            raise HsmUnavailable("no HSM session")
+        self._ensure_session()
         results: list[GeneratedVersion | KlmError] = []
         for spec, protection, obj_id in specs:
             try:
@@ -168,9 +256,7 @@ class Pkcs11Hsm:
             except KlmError as exc:
                 results.append(exc)
             except pkcs11.PKCS11Error as exc:
-                if isinstance(exc, pkcs11.SessionHandleInvalid | pkcs11.DeviceRemoved |
-                              pkcs11.TokenNotPresent | pkcs11.DeviceError):
-                    raise HsmUnavailable(f"HSM session lost: {type(exc).__name__}") from exc
+                self._raise_if_lost(exc)  # the whole batch is retried when the HSM is back
                 results.append(HsmError(f"HSM refused to generate {spec.label}: "
                                         f"{type(exc).__name__}"))
         return results
@@ -189,7 +275,7 @@ class Pkcs11Hsm:
                   Attribute.EXTRACTABLE: True}
         if resident:
             common[Attribute.ID] = obj_id
-            common[Attribute.LABEL] = f"klm:{obj_id.hex()}"
+            common[Attribute.LABEL] = hsm_lifecycle.resident_label(obj_id)
         if spec.algorithm is Algorithm.AES or spec.algorithm.value.startswith("HMAC"):
             return self._secret(spec, common, resident, obj_id)
         return self._keypair(spec, common, resident, obj_id)

@@ -1,27 +1,57 @@
 """The keystore (keygen's Postgres schema): keys, versions with wrapped material, inbox and
-outbox — written in ONE transaction per batch, so a key exists iff its fact will be published."""
+outbox — written in ONE transaction per batch, so a key exists iff its fact will be published.
+
+A batch runs in a :meth:`PgKeystore.unit` (unit of work): claim the request ids in the inbox,
+insert new keys, lock the existing keys it changes (``FOR UPDATE``), store their next state
+and queue the answers, then commit. The role has no DELETE on keys or versions: destruction
+clears the wrapped material (``wrapped = NULL``) and the metadata and history remain.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 from typing import Protocol
 
 import asyncpg
 
 from klm_common import inbox
+from klm_common.algorithms import Protection
 from klm_common.envelope import CloudEvent
 from klm_common.errors import StoreUnavailable
 from klm_common.outbox import add_to_outbox
+from klm_common.states import TERMINAL_STATES, KeyState
 from klm_keygen.adapters.hsm import MASTER_KEK_LABEL
 from klm_keygen.domain.generation import NewKey
+from klm_keygen.domain.lifecycle import KeyRecord, VersionRecord
+
+_UNREACHABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.exceptions.InterfaceError)
+
+
+class KeystoreUnit(Protocol):
+    """One transaction: what a batch may do to the keystore."""
+
+    async def claim(self, request_ids: Sequence[str]) -> set[str]: ...
+
+    async def insert_keys(self, keys: Sequence[NewKey]) -> None: ...
+
+    async def lock_keys(self, key_ids: Sequence[str]) -> dict[str, KeyRecord]: ...
+
+    async def store(self, before: KeyRecord, after: KeyRecord, at: datetime) -> None: ...
+
+    async def queue(self, answers: Sequence[CloudEvent]) -> None: ...
 
 
 class KeystorePort(Protocol):
     async def processed(self, request_ids: Sequence[str]) -> set[str]: ...
 
-    async def save(self, request_ids: Sequence[str], keys: Sequence[NewKey],
-                   answers: Sequence[CloudEvent]) -> set[str]: ...
+    def unit(self) -> contextlib.AbstractAsyncContextManager[KeystoreUnit]: ...
+
+    async def known_object_ids(self, object_ids: Sequence[bytes]) -> set[bytes]: ...
+
+    async def queue_facts(self, facts: Sequence[CloudEvent]) -> None: ...
 
     async def count_keys(self) -> int: ...
 
@@ -37,23 +67,122 @@ class PgKeystore:
         except (OSError, asyncpg.PostgresError) as exc:
             raise StoreUnavailable(f"keystore unreachable: {type(exc).__name__}") from exc
 
+    @contextlib.asynccontextmanager
+    async def unit(self) -> AsyncIterator[PgUnit]:
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                yield PgUnit(conn, self._topic)
+        except _UNREACHABLE as exc:
+            raise StoreUnavailable(f"keystore unreachable: {type(exc).__name__}") from exc
+
     async def save(self, request_ids: Sequence[str], keys: Sequence[NewKey],
                    answers: Sequence[CloudEvent]) -> set[str]:
         """Claim the requests, store their keys and queue their answers; return the claimed
         ids. Keys and answers of a request claimed meanwhile by someone else are dropped."""
+        async with self.unit() as unit:
+            claimed = await unit.claim(request_ids)
+            await unit.insert_keys([k for k in keys if k.plan.request.id in claimed])
+            await unit.queue([a for a in answers if a.correlationid in claimed])
+            return claimed
+
+    async def known_object_ids(self, object_ids: Sequence[bytes]) -> set[bytes]:
+        """The CKA_IDs among ``object_ids`` that belong to a version not yet destroyed."""
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                claimed = await inbox.claim(conn, request_ids)
-                await _insert_keys(conn, [k for k in keys if k.plan.request.id in claimed])
-                await add_to_outbox(conn, self._topic,
-                                    [a for a in answers if a.correlationid in claimed])
-                return claimed
-        except (OSError, asyncpg.PostgresConnectionError,
-                asyncpg.exceptions.InterfaceError) as exc:
+            rows = await self._pool.fetch(
+                "SELECT hsm_object_id FROM key_versions WHERE hsm_object_id = ANY($1::bytea[])"
+                " AND destroyed_at IS NULL", list(object_ids))
+        except _UNREACHABLE as exc:
             raise StoreUnavailable(f"keystore unreachable: {type(exc).__name__}") from exc
+        return {bytes(r["hsm_object_id"]) for r in rows}
+
+    async def queue_facts(self, facts: Sequence[CloudEvent]) -> None:
+        """Queue facts that change no key (e.g. an orphan HSM object destroyed)."""
+        async with self.unit() as unit:
+            await unit.queue(facts)
 
     async def count_keys(self) -> int:
         return int(await self._pool.fetchval("SELECT count(*) FROM keys"))
+
+
+class PgUnit:
+    def __init__(self, conn: asyncpg.Connection, topic: str) -> None:
+        self._conn = conn
+        self._topic = topic
+
+    async def claim(self, request_ids: Sequence[str]) -> set[str]:
+        return await inbox.claim(self._conn, request_ids)
+
+    async def insert_keys(self, keys: Sequence[NewKey]) -> None:
+        await _insert_keys(self._conn, keys)
+
+    async def queue(self, answers: Sequence[CloudEvent]) -> None:
+        await add_to_outbox(self._conn, self._topic, answers)
+
+    async def lock_keys(self, key_ids: Sequence[str]) -> dict[str, KeyRecord]:
+        """The keys (with their versions), locked until commit, in key order (no deadlock)."""
+        if not key_ids:
+            return {}
+        keys = await self._conn.fetch(
+            """SELECT key_id, owner, algorithm, size, curve, usages, protection, state,
+                      primary_version, destroy_after
+               FROM keys WHERE key_id = ANY($1::text[]) ORDER BY key_id FOR UPDATE""",
+            sorted(set(key_ids)))
+        versions = await self._conn.fetch(
+            """SELECT key_id, version, state, hsm_object_id, wrapped IS NOT NULL AS has_wrapped
+               FROM key_versions WHERE key_id = ANY($1::text[]) ORDER BY key_id, version""",
+            [k["key_id"] for k in keys])
+        by_key: dict[str, list[VersionRecord]] = {}
+        for v in versions:
+            obj = bytes(v["hsm_object_id"]) if v["hsm_object_id"] is not None else None
+            by_key.setdefault(v["key_id"], []).append(VersionRecord(
+                v["version"], KeyState(v["state"]), obj,
+                bool(v["has_wrapped"]) or (obj is not None and
+                                           KeyState(v["state"]) not in TERMINAL_STATES)))
+        return {k["key_id"]: _key_record(k, by_key.get(k["key_id"], [])) for k in keys}
+
+    async def store(self, before: KeyRecord, after: KeyRecord, at: datetime) -> None:
+        """Write the key's next state: its row, new versions, changed versions."""
+        await self._conn.execute(
+            "UPDATE keys SET state = $2, primary_version = $3, destroy_after = $4, "
+            "updated_at = $5 WHERE key_id = $1",
+            after.key_id, after.state.value, after.primary_version, after.destroy_after, at)
+        new = [v for v in after.versions if before.version(v.version) is None]
+        await _insert_versions(self._conn, after.key_id, new, at)
+        changed = [v for v in after.versions
+                   if (old := before.version(v.version)) is not None and old.state != v.state]
+        await self._conn.executemany(
+            """UPDATE key_versions SET state = $3,
+                      deactivated_at = CASE WHEN $3 = 'deactivated' THEN $4
+                                            ELSE deactivated_at END,
+                      destroyed_at = CASE WHEN $5 THEN $4 ELSE destroyed_at END,
+                      wrapped = CASE WHEN $5 THEN NULL ELSE wrapped END
+               WHERE key_id = $1 AND version = $2""",
+            [(after.key_id, v.version, v.state.value, at, v.state in TERMINAL_STATES)
+             for v in changed])
+
+
+def _key_record(row: asyncpg.Record, versions: list[VersionRecord]) -> KeyRecord:
+    return KeyRecord(
+        key_id=row["key_id"], owner=row["owner"], algorithm=row["algorithm"],
+        size=row["size"], curve=row["curve"], usages=tuple(row["usages"]),
+        protection=Protection(row["protection"]), state=KeyState(row["state"]),
+        primary_version=row["primary_version"], destroy_after=row["destroy_after"],
+        versions=tuple(versions))
+
+
+async def _insert_versions(conn: asyncpg.Connection, key_id: str,
+                           versions: Sequence[VersionRecord], at: datetime) -> None:
+    rows = []
+    for v in versions:
+        m = v.material
+        assert m is not None, "a new version carries its material"
+        rows.append((key_id, v.version, v.state.value, m.wrapped,
+                     MASTER_KEK_LABEL if m.wrapped else None, m.public_der, m.kcv,
+                     m.hsm_object_id, at, at if v.state is KeyState.ACTIVE else None))
+    await conn.executemany(
+        """INSERT INTO key_versions (key_id, version, state, wrapped, kek_label, public_der, kcv,
+                                     hsm_object_id, created_at, activated_at)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)""", rows)
 
 
 async def _insert_keys(conn: asyncpg.Connection, keys: Sequence[NewKey]) -> None:

@@ -1,0 +1,252 @@
+"""How keygen serves one Kafka batch (requests or internal commands), shared by the areas.
+
+parse (bad bytes → DLQ) → skip ids already answered (inbox) → route each event to its
+handler (bad ones → ``klm.request.rejected``) → generate new keys (one HSM call) → ONE
+Postgres transaction: claim the ids, insert the new keys, lock the existing keys the batch
+changes, apply the key handlers round by round (HSM work of a round in one call each),
+store the keys' next state, queue every answer → commit → offsets committed by the caller.
+
+A crash anywhere before the commit leaves nothing: session objects die with the process,
+resident objects made meanwhile are orphans that the start-up sweep destroys, and the
+uncommitted batch is delivered again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from aiokafka import ConsumerRecord
+
+from klm_common.envelope import CloudEvent, now
+from klm_common.errors import InfrastructureError, KeyNotFound, KlmError, UnknownRequestType
+from klm_common.events import EventData, GenerateKey, parse_data
+from klm_common.kafka import DeadLetters, Inbound, split_batch
+from klm_keygen.adapters.hsm import Hsm
+from klm_keygen.adapters.keystore import KeystorePort, KeystoreUnit
+from klm_keygen.domain.generation import (
+    GenerationPlan,
+    NewKey,
+    generated_fact,
+    initial_state,
+    plan_generation,
+    rejection,
+)
+from klm_keygen.domain.lifecycle import KeyRecord, Outcome
+from klm_keygen.domain.material import GeneratedVersion
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Deps:
+    hsm: Hsm
+    keystore: KeystorePort
+    dead_letters: DeadLetters
+    on_commit: Callable[[], None] = lambda: None
+    #: back-off before a batch that hit an infrastructure error is redelivered
+    retry_delay: float = 1.0
+    #: length of a policy day in seconds (``KlmSettings.day_seconds``)
+    day_seconds: float = 86400.0
+    clock: Callable[[], datetime] = now
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyStep:
+    """One request or command on an existing key, with the key as locked for this batch."""
+
+    request: CloudEvent
+    data: Any
+    key: KeyRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    hsm: Hsm
+    at: datetime
+    day_seconds: float
+
+
+#: a key handler serves every step of its type in one round: one result per step, in order
+KeyHandler = Callable[[Sequence[KeyStep], Context], Awaitable[list[Outcome | KlmError]]]
+
+
+@dataclass
+class BatchResult:
+    """What a batch produced, before it is committed."""
+
+    keys: list[NewKey] = field(default_factory=list)
+    answers: list[CloudEvent] = field(default_factory=list)
+
+    def reject(self, request: CloudEvent, error: KlmError, key_id: str | None = None) -> None:
+        self.answers.append(rejection(request, error, key_id or request.subject))
+
+
+@dataclass(frozen=True)
+class Routes:
+    """What an area serves on its topic: key handlers by payload type, whether it generates,
+    and the types other services answer (skipped without an answer)."""
+
+    key_handlers: Mapping[type[EventData], KeyHandler]
+    generate: bool = False
+    served_elsewhere: frozenset[str] = frozenset()
+    reject_unknown: bool = True
+
+    @property
+    def types(self) -> frozenset[str]:
+        served = {cls.event_type for cls in self.key_handlers}
+        return frozenset(served | ({GenerateKey.event_type} if self.generate else set()))
+
+
+async def handle_batch(records: Sequence[ConsumerRecord[bytes, bytes]], deps: Deps,
+                       routes: Routes) -> None:
+    """Handle one batch; raise to have it redelivered (its offsets are not committed)."""
+    try:
+        await _handle(records, deps, routes)
+    except InfrastructureError as exc:
+        log.warning("batch not served (%s); it will be redelivered", exc)
+        await asyncio.sleep(deps.retry_delay)
+        raise
+
+
+async def _handle(records: Sequence[ConsumerRecord[bytes, bytes]], deps: Deps,
+                  routes: Routes) -> None:
+    inbound = _dedupe(await split_batch(records, deps.dead_letters))
+    done = await deps.keystore.processed([i.event.id for i in inbound])
+    fresh = [i.event for i in inbound if i.event.id not in done]
+    if not fresh:
+        return
+    result = BatchResult()
+    plans: list[GenerationPlan] = []
+    steps: list[tuple[CloudEvent, EventData]] = []
+    handled = [ev for ev in fresh if _route(ev, routes, result, plans, steps)]
+    if not handled:
+        return
+    await generate_keys(plans, deps.hsm, result)
+    at = deps.clock()
+    async with deps.keystore.unit() as unit:
+        claimed = await unit.claim([ev.id for ev in handled])
+        await unit.insert_keys([k for k in result.keys if k.plan.request.id in claimed])
+        mine = [(ev, data) for ev, data in steps if ev.id in claimed]
+        await apply_key_steps(unit, mine, routes, Context(deps.hsm, at, deps.day_seconds),
+                              result)
+        await unit.queue([a for a in result.answers if a.correlationid in claimed])
+    deps.on_commit()
+    _count(deps, result, claimed)
+
+
+def _route(event: CloudEvent, routes: Routes, result: BatchResult,
+           plans: list[GenerationPlan], steps: list[tuple[CloudEvent, EventData]]) -> bool:
+    """File one event under generation or key steps, or reject it; False = not ours."""
+    if event.type in routes.served_elsewhere:
+        return False
+    if not routes.reject_unknown and event.type not in routes.types:
+        return False
+    try:
+        data = parse_data(event)
+        if routes.generate and isinstance(data, GenerateKey):
+            plans.append(plan_generation(event, data))
+        elif type(data) in routes.key_handlers:
+            steps.append((event, data))
+        elif routes.reject_unknown:
+            raise UnknownRequestType(f"keygen does not serve {event.type!r} on this topic")
+        else:
+            return False
+    except KlmError as exc:
+        result.reject(event, exc)
+    return True
+
+
+async def generate_keys(plans: Sequence[GenerationPlan], hsm: Hsm, result: BatchResult) -> None:
+    """``klm.request.generate_key``: one HSM round trip for every plan of the batch."""
+    if not plans:
+        return
+    outcomes = await hsm.generate([(p.spec, p.protection, p.hsm_object_id) for p in plans])
+    created = now()
+    for plan, outcome in zip(plans, outcomes, strict=True):
+        if isinstance(outcome, KlmError):
+            result.reject(plan.request, outcome)
+            continue
+        assert isinstance(outcome, GeneratedVersion)
+        key = NewKey(plan, outcome, initial_state(plan.data, created), created)
+        result.keys.append(key)
+        result.answers.append(generated_fact(key))
+
+
+async def apply_key_steps(unit: KeystoreUnit, steps: Sequence[tuple[CloudEvent, EventData]],
+                          routes: Routes, ctx: Context, result: BatchResult) -> None:
+    """Apply requests on existing keys in arrival order per key.
+
+    Round *n* holds each key's *n*-th request of the batch, so a round touches a key at most
+    once and each handler gets all its steps of the round at once (one HSM call)."""
+    if not steps:
+        return
+    keys = await unit.lock_keys([getattr(data, "key_id", "") for _, data in steps])
+    before = dict(keys)
+    for round_ in _rounds(steps):
+        live: list[tuple[CloudEvent, EventData, KeyRecord]] = []
+        for event, data in round_:
+            key = keys.get(data.key_id)  # type: ignore[attr-defined]
+            if key is None:
+                result.reject(event, KeyNotFound(f"no key {data.key_id}"))  # type: ignore[attr-defined]
+            else:
+                live.append((event, data, key))
+        for kind in dict.fromkeys(type(d) for _, d, _ in live):
+            mine = [KeyStep(e, d, k) for e, d, k in live if type(d) is kind]
+            outcomes = await routes.key_handlers[kind](mine, ctx)
+            for step, outcome in zip(mine, outcomes, strict=True):
+                if isinstance(outcome, KlmError):
+                    result.reject(step.request, outcome, step.key.key_id)
+                else:
+                    keys[step.key.key_id] = outcome.key
+                    result.answers.extend(outcome.facts)
+    for key_id, key in keys.items():
+        if key is not before[key_id]:
+            await unit.store(before[key_id], key, ctx.at)
+
+
+def _rounds(steps: Sequence[tuple[CloudEvent, EventData]]
+            ) -> list[list[tuple[CloudEvent, EventData]]]:
+    seen: dict[str, int] = {}
+    rounds: list[list[tuple[CloudEvent, EventData]]] = []
+    for event, data in steps:
+        n = seen.get(data.key_id, 0)  # type: ignore[attr-defined]
+        seen[data.key_id] = n + 1  # type: ignore[attr-defined]
+        if n == len(rounds):
+            rounds.append([])
+        rounds[n].append((event, data))
+    return rounds
+
+
+def each(steps: Sequence[KeyStep], rule: Callable[[KeyStep], Outcome]
+         ) -> list[Outcome | KlmError]:
+    """Apply a pure rule to each step; a coded error answers that step only."""
+    results: list[Outcome | KlmError] = []
+    for step in steps:
+        try:
+            results.append(rule(step))
+        except KlmError as exc:
+            results.append(exc)
+    return results
+
+
+def _dedupe(inbound: list[Inbound]) -> list[Inbound]:
+    """The same event twice in one batch is handled once."""
+    seen: set[str] = set()
+    out = []
+    for item in inbound:
+        if item.event.id not in seen:
+            seen.add(item.event.id)
+            out.append(item)
+    return out
+
+
+def _count(deps: Deps, result: BatchResult, claimed: set[str]) -> None:
+    for answer in result.answers:
+        if answer.correlationid in claimed:
+            deps.counters[answer.type] = deps.counters.get(answer.type, 0) + 1
