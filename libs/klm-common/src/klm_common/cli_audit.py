@@ -6,16 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from klm_common.audit_client import AuditApiError, AuditClient
 
-T = TypeVar("T")
-console = Console()
+console = Console(emoji=False, highlight=False)
 Json = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 
 
@@ -45,16 +45,16 @@ def keys(state: Annotated[str | None, typer.Option()] = None,
         _dump(rows)
         return
     table = Table(title=f"{len(rows)} key(s)")
-    for column in ("key id", "owner", "name", "algorithm", "state", "ver", "age (d)",
-                   "findings"):
+    table.add_column("key id", no_wrap=True)
+    for column in ("owner", "name", "algorithm", "state", "ver", "age (d)", "findings"):
         table.add_column(column)
     for k in rows:
         size = k.get("curve") or k.get("size") or ""
-        table.add_row(k["key_id"], k["owner"], str(k.get("name") or ""),
-                      f"{k.get('algorithm')}-{size}", _state(k["state"]),
-                      str(k.get("primary_version") or ""),
-                      f"{k['age_days']:.1f}" if k.get("age_days") is not None else "",
-                      ", ".join(f["code"] for f in k.get("findings", [])))
+        table.add_row(*map(_text, (
+            k["key_id"], k["owner"], k.get("name"), f"{k.get('algorithm')}-{size}")),
+            _state(k["state"]), _text(k.get("primary_version")),
+            f"{k['age_days']:.1f}" if k.get("age_days") is not None else "",
+            _text(", ".join(f["code"] for f in k.get("findings", []))))
     console.print(table)
 
 
@@ -64,12 +64,12 @@ def history(key_id: str, as_json: Json = False) -> None:
     if as_json:
         _dump(events)
         return
-    table = Table(title=f"history of {key_id}")
+    table = Table(title=f"history of {escape(key_id)}")
     for column in ("seq", "time", "type", "source", "hash"):
         table.add_column(column)
     for e in events:
-        table.add_row(str(e["sequence"]), e["time"], e["type"], e["source"],
-                      e["hash"][:16] + "…")
+        table.add_row(*map(_text, (e["sequence"], e["time"], e["type"], e["source"],
+                                   e["hash"][:16] + "…")))
     console.print(table)
 
 
@@ -83,7 +83,7 @@ def verify(as_json: Json = False) -> None:
                       f"#{result['head_sequence']} {result['head_hash'][:16]}…")
     else:
         console.print(f"[red]chain broken at sequence {result['first_broken_sequence']}"
-                      f"[/red]: {result['reason']}")
+                      f"[/red]: {escape(str(result['reason']))}")
     if not result["ok"]:
         raise typer.Exit(1)
 
@@ -112,16 +112,24 @@ def _compliance_table(body: dict[str, Any]) -> None:
     console.print(f"{summary.get('keys', 0)} keys, {summary.get('non_compliant', 0)} "
                   "non-compliant")
     table = Table(title="compliance")
-    for column in ("key id", "owner", "algorithm", "state", "compliant", "issues"):
+    table.add_column("key id", no_wrap=True)
+    for column in ("owner", "algorithm", "state", "compliant", "issues"):
         table.add_column(column)
     for k in body.get("keys", []):
-        table.add_row(k["key_id"], k["owner"], str(k.get("algorithm")), _state(k["state"]),
+        table.add_row(_text(k["key_id"]), _text(k["owner"]), _text(k.get("algorithm")),
+                      _state(k["state"]),
                       "[green]yes[/green]" if k["compliant"] else "[red]no[/red]",
-                      ", ".join(i["code"] for i in k.get("issues", [])))
+                      _text(", ".join(i["code"] for i in k.get("issues", []))))
     console.print(table)
 
 
+def _text(value: object) -> str:
+    """Data from the API is shown as text, never interpreted as rich markup."""
+    return escape("" if value is None else str(value))
+
+
 def _state(state: str) -> str:
+    state = escape(state)
     colour = {"active": "green", "suspended": "yellow", "compromised": "red",
               "destroyed-compromised": "red"}.get(state)
     return f"[{colour}]{state}[/{colour}]" if colour else state

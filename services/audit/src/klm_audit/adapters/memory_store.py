@@ -1,0 +1,135 @@
+"""In-memory audit store: the fake behind the ports for unit tests (same contract as Postgres)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+
+from klm_audit.domain.auth import StoredToken
+from klm_audit.domain.entries import StoredEntry
+from klm_audit.domain.hash_chain import GENESIS, Link
+from klm_audit.domain.ingest import AppendPlan, ChainHead
+from klm_audit.domain.inventory import Fact, KeyView, apply
+from klm_audit.domain.queries import EventFilter, KeyFilter, Scope
+
+
+class MemoryAppendTx:
+    def __init__(self, store: MemoryAuditStore) -> None:
+        self._store = store
+
+    async def stored_ids(self, event_ids: Sequence[str]) -> set[str]:
+        return {i for i in event_ids if i in self._store.by_id}
+
+    async def head(self) -> ChainHead:
+        rows = self._store.rows
+        return ChainHead(rows[-1].sequence, rows[-1].hash) if rows else ChainHead(0, GENESIS)
+
+    async def views(self, key_ids: Iterable[str]) -> dict[str, KeyView]:
+        return {k: self._store.inventory[k] for k in key_ids if k in self._store.inventory}
+
+    async def tenants_of(self, event_ids: Iterable[str]) -> dict[str, str | None]:
+        by_id = self._store.by_id
+        return {i: by_id[i].tenant for i in event_ids if i in by_id}
+
+    async def write(self, plan: AppendPlan) -> None:
+        now = datetime.now(UTC)
+        for s in plan.sealed:
+            e = s.entry
+            row = StoredEntry(s.sequence, e.event_id, e.type, e.subject, e.key_version, e.source,
+                              e.tenant, e.correlation_id, e.occurred_at, now, e.canonical,
+                              s.prev_hash, s.hash)
+            self._store.rows.append(row)
+            self._store.by_id[row.event_id] = row
+        self._store.inventory.update(plan.views)
+
+
+class MemoryAuditStore:
+    def __init__(self) -> None:
+        self.rows: list[StoredEntry] = []
+        self.by_id: dict[str, StoredEntry] = {}
+        self.inventory: dict[str, KeyView] = {}
+        self._lock = asyncio.Lock()
+
+    @asynccontextmanager
+    async def appending(self) -> AsyncIterator[MemoryAppendTx]:
+        async with self._lock:
+            yield MemoryAppendTx(self)
+
+    async def ping(self) -> bool:
+        return True
+
+    async def history(self, key_id: str, scope: Scope) -> list[StoredEntry]:
+        own = [r for r in self.rows if r.subject == key_id]
+        causes = {r.correlation_id for r in own if r.correlation_id}
+        rows = [r for r in self.rows if r.subject == key_id or r.event_id in causes]
+        return [r for r in rows if scope.allows(r.tenant)]
+
+    async def events(self, filters: EventFilter, scope: Scope) -> list[StoredEntry]:
+        def keep(r: StoredEntry) -> bool:
+            return (r.sequence > filters.after_sequence
+                    and filters.type in (None, r.type) and filters.subject in (None, r.subject)
+                    and filters.source in (None, r.source) and scope.allows(r.tenant)
+                    and (filters.since is None or r.occurred_at >= filters.since)
+                    and (filters.until is None or r.occurred_at < filters.until))
+
+        return [r for r in self.rows if keep(r)][:filters.limit]
+
+    async def facts_of(self, key_id: str) -> list[Fact]:
+        return [_fact(r) for r in self.rows
+                if r.subject == key_id and r.type.startswith("klm.key.")]
+
+    async def key(self, key_id: str, scope: Scope) -> KeyView | None:
+        view = self.inventory.get(key_id)
+        return view if view is not None and scope.allows(view.owner) else None
+
+    async def keys(self, filters: KeyFilter, scope: Scope) -> list[KeyView]:
+        def keep(v: KeyView) -> bool:
+            return ((filters.after_key_id is None or v.key_id > filters.after_key_id)
+                    and filters.state in (None, v.state)
+                    and filters.algorithm in (None, v.algorithm)
+                    and filters.owner in (None, v.owner) and scope.allows(v.owner))
+
+        return sorted((v for v in self.inventory.values() if keep(v)),
+                      key=lambda v: v.key_id)[:filters.limit]
+
+    async def head(self) -> ChainHead:
+        return await MemoryAppendTx(self).head()
+
+    async def links(self, after: int, upto: int, limit: int) -> list[Link]:
+        rows = [r for r in self.rows if after < r.sequence <= upto][:limit]
+        return [Link(r.sequence, r.prev_hash, r.hash, r.canonical) for r in rows]
+
+    async def first_inconsistent_row(self, upto: int) -> int | None:
+        for r in self.rows:
+            event = json.loads(r.canonical)
+            if r.sequence <= upto and (event["id"], event["type"]) != (r.event_id, r.type):
+                return r.sequence
+        return None
+
+    async def rebuild_projections(self) -> int:
+        async with self._lock:
+            views: dict[str, KeyView] = {}
+            for r in self.rows:
+                if r.subject is not None and r.type.startswith("klm.key."):
+                    after = apply(views.get(r.subject), _fact(r))
+                    if after is not None:
+                        views[r.subject] = after
+            self.inventory = views
+            return len(views)
+
+
+class MemoryTokenStore:
+    def __init__(self, tokens: Iterable[StoredToken] = ()) -> None:
+        self.tokens = {t.token_id: t for t in tokens}
+
+    async def get(self, token_id: str) -> StoredToken | None:
+        return self.tokens.get(token_id)
+
+
+def _fact(row: StoredEntry) -> Fact:
+    event = json.loads(row.canonical)
+    return Fact(sequence=row.sequence, type=row.type, time=event["time"],
+                data=event.get("data") or {})

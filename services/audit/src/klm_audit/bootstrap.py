@@ -1,0 +1,96 @@
+"""Wiring: real adapters (Postgres pool, Kafka broker) or the fakes the unit tests pass in."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import asyncpg
+from aiokafka import ConsumerRecord
+from faststream.kafka import KafkaBroker
+from opentelemetry.metrics import Counter
+
+from klm_audit import handlers
+from klm_audit.adapters.postgres_store import PostgresAuditStore
+from klm_audit.adapters.tokens import PostgresTokenStore
+from klm_audit.denials import DenialRecorder
+from klm_audit.ports import AuditStore, TokenStore
+from klm_common.db import create_pool
+from klm_common.kafka import make_broker, subscriber_options
+from klm_common.settings import KlmSettings
+from klm_common.telemetry import setup_telemetry
+from klm_common.topics import Topics
+
+log = logging.getLogger(__name__)
+
+GROUP_ID = "klm-audit"
+
+
+@dataclass(slots=True)
+class Metrics:
+    stored: Counter
+    duplicates: Counter
+    skipped: Counter
+
+
+@dataclass(slots=True)
+class Audit:
+    """Everything the HTTP API and the consumer need, created in the lifespan."""
+
+    settings: KlmSettings
+    store: AuditStore
+    tokens: TokenStore
+    denials: DenialRecorder
+    metrics: Metrics | None = None
+    pool: asyncpg.Pool | None = None
+    broker: KafkaBroker | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+    async def close(self) -> None:
+        await self.denials.stop()
+        if self.broker is not None:
+            await self.broker.stop()
+        if self.pool is not None:
+            await self.pool.close()
+
+
+def audit_topics(settings: KlmSettings) -> list[str]:
+    """Every KLM topic except ``klm.crypto.requests``, whose payloads may hold plaintext."""
+    topics = Topics(settings.topic_prefix)
+    return [topics.lifecycle, topics.requests, topics.commands, topics.dlq]
+
+
+def make_metrics() -> Metrics:
+    meter = setup_telemetry("audit").meter("klm.audit")
+    return Metrics(
+        stored=meter.create_counter("klm_audit_events_stored", description="rows appended"),
+        duplicates=meter.create_counter("klm_audit_duplicates",
+                                        description="redelivered events stored before"),
+        skipped=meter.create_counter("klm_audit_records_skipped",
+                                     description="records that are not KLM CloudEvents"))
+
+
+async def bootstrap(settings: KlmSettings) -> Audit:
+    pool = await create_pool(settings, "audit")
+    store = PostgresAuditStore(pool)
+    audit = Audit(settings=settings, store=store, tokens=PostgresTokenStore(pool),
+                  denials=DenialRecorder(store), metrics=make_metrics(), pool=pool)
+    audit.broker = _consumer(settings, audit)
+    return audit
+
+
+def _consumer(settings: KlmSettings, audit: Audit) -> KafkaBroker:
+    broker = make_broker(settings, client_id="klm-audit")
+
+    @broker.subscriber(  # type: ignore[untyped-decorator, unused-ignore]
+        *audit_topics(settings), **subscriber_options(settings, GROUP_ID))
+    async def ingest(records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        # returning commits the batch's offsets; raising leaves them for redelivery
+        batch, skipped = handlers.accept(records)
+        result = await handlers.append(audit.store, batch)
+        if audit.metrics is not None:
+            audit.metrics.stored.add(result.stored)
+            audit.metrics.duplicates.add(result.duplicates)
+            audit.metrics.skipped.add(skipped)
+
+    return broker

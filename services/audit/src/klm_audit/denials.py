@@ -1,0 +1,71 @@
+"""Every denied API call is itself recorded in the audit log (``klm.audit.access_denied``).
+
+Denials are queued and appended in small batches by a background task, so a burst of bad
+requests costs one transaction per flush, not one per request; beyond ``max_pending`` they
+are counted and the count goes into the next recorded denial.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from klm_audit import handlers
+from klm_audit.ports import AuditStore
+from klm_common.envelope import CloudEvent, make_event
+
+log = logging.getLogger(__name__)
+
+ACCESS_DENIED = "klm.audit.access_denied"
+
+
+class DenialRecorder:
+    def __init__(self, store: AuditStore, *, interval: float = 0.2,
+                 max_pending: int = 5000) -> None:
+        self._store = store
+        self._interval = interval
+        self._max_pending = max_pending
+        self._pending: list[CloudEvent] = []
+        self._dropped = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def record(self, *, status: int, reason: str, method: str, path: str,
+               client: str | None, token_id: str | None, tenant: str | None) -> None:
+        if len(self._pending) >= self._max_pending:
+            self._dropped += 1
+            return
+        data: dict[str, Any] = {"status": status, "reason": reason, "method": method,
+                                "path": path[:1000], "client": client, "token_id": token_id}
+        if tenant is not None:
+            data["owner"] = tenant
+        if self._dropped:
+            data["dropped_before"], self._dropped = self._dropped, 0
+        self._pending.append(make_event(ACCESS_DENIED, data, source="klm/audit"))
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="audit-denials")
+
+    async def flush(self) -> None:
+        events = list(self._pending)
+        if events:
+            await handlers.append_own(self._store, events)
+            del self._pending[:len(events)]
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        with contextlib.suppress(Exception):
+            await self.flush()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("could not record denied calls; will retry")

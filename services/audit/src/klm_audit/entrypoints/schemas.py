@@ -1,0 +1,83 @@
+"""Response bodies of the auditor API (they are the OpenAPI schema at ``/openapi.json``)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from klm_audit.domain.entries import StoredEntry
+from klm_audit.domain.inventory import KeyView
+
+
+class EventOut(BaseModel):
+    """One audit row. ``event`` is the stored canonical envelope, parsed; re-encoding it
+    canonically and hashing it with ``prev_hash`` and ``sequence`` gives ``hash``."""
+
+    sequence: int
+    id: str
+    type: str
+    subject: str | None
+    key_version: int | None
+    source: str
+    tenant: str | None
+    correlation_id: str | None
+    time: datetime
+    recorded_at: datetime
+    prev_hash: str = Field(description="hex SHA-256 of the previous row (64 zeros at genesis)")
+    hash: str = Field(description="hex SHA-256(prev_hash || uint64_be(sequence) || canonical)")
+    event: dict[str, Any]
+
+    @classmethod
+    def of(cls, entry: StoredEntry) -> EventOut:
+        return cls(
+            sequence=entry.sequence, id=entry.event_id, type=entry.type, subject=entry.subject,
+            key_version=entry.key_version, source=entry.source, tenant=entry.tenant,
+            correlation_id=entry.correlation_id, time=entry.occurred_at,
+            recorded_at=entry.recorded_at, prev_hash=entry.prev_hash.hex(),
+            hash=entry.hash.hex(), event=json.loads(entry.canonical))
+
+
+class HistoryOut(BaseModel):
+    key_id: str
+    events: list[EventOut]
+
+
+class EventsPage(BaseModel):
+    events: list[EventOut]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null at "
+                                                "the end (for now: new events get later ones)")
+
+
+class KeyOut(KeyView):
+    age_days: float | None = Field(default=None, description="days since created_at")
+    as_of: datetime | None = Field(default=None, description="set when rebuilt with ?at=")
+
+    @classmethod
+    def of(cls, view: KeyView, now: datetime | None = None,
+           as_of: datetime | None = None) -> KeyOut:
+        now = as_of or now or datetime.now(UTC)
+        age = (now - view.created_at).total_seconds() / 86400 if view.created_at else None
+        return cls(**view.model_dump(), age_days=age, as_of=as_of)
+
+
+class KeysPage(BaseModel):
+    keys: list[KeyOut]
+    next_cursor: str | None
+
+
+class VerifyOut(BaseModel):
+    ok: bool
+    checked: int = Field(description="rows whose link was checked")
+    head_sequence: int
+    head_hash: str
+    first_broken_sequence: int | None = None
+    reason: str | None = None
+    checkpoints_checked: int = 0
+
+
+class ErrorOut(BaseModel):
+    code: str
+    message: str

@@ -1,0 +1,79 @@
+"""Ingest: one Kafka batch of records → one append transaction (then the batch is committed).
+
+Choice about bad input: audit stores every well-formed CloudEvent it sees on the KLM topics.
+A record it cannot parse is *skipped and counted*, never sent to ``klm.dlq``: the service
+that owns the topic (keygen for ``klm.requests``) already dead-letters it, and the DLQ
+record itself reaches audit through ``klm.dlq`` — so the evidence is stored exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from aiokafka import ConsumerRecord
+
+from klm_audit.domain.entries import Origin
+from klm_audit.domain.hash_chain import (
+    NotCanonicalisable,
+    canonical_json,
+    canonicalise_received,
+)
+from klm_audit.domain.ingest import (
+    Accepted,
+    ChainHead,
+    correlations_of,
+    fresh,
+    keys_of,
+    plan_append,
+)
+from klm_audit.ports import AuditStore
+from klm_common.envelope import CloudEvent, EnvelopeInvalid, parse_envelope
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    stored: int
+    duplicates: int
+    head: ChainHead | None
+
+
+def accept(records: Iterable[ConsumerRecord[bytes, bytes]]) -> tuple[list[Accepted], int]:
+    """Parse a batch; return the well-formed events and how many records were skipped."""
+    accepted: list[Accepted] = []
+    skipped = 0
+    for record in records:
+        try:
+            event = parse_envelope(record.value)
+            canonical = canonicalise_received(record.value or b"")
+        except (EnvelopeInvalid, NotCanonicalisable) as exc:
+            skipped += 1
+            log.warning("skipping unparseable record %s/%d@%d: %s", record.topic,
+                        record.partition, record.offset, exc)
+            continue
+        accepted.append(Accepted(event, canonical,
+                                 Origin(record.topic, record.partition, record.offset)))
+    return accepted, skipped
+
+
+async def append(store: AuditStore, batch: list[Accepted]) -> AppendResult:
+    """Append the events not stored yet, in batch order, in one locked transaction."""
+    if not batch:
+        return AppendResult(0, 0, None)
+    async with store.appending() as tx:
+        new = fresh(batch, await tx.stored_ids([a.event.id for a in batch]))
+        if not new:
+            return AppendResult(0, len(batch), None)
+        plan = plan_append(new, await tx.head(), await tx.views(keys_of(new)),
+                           await tx.tenants_of(correlations_of(new)))
+        await tx.write(plan)
+    return AppendResult(len(new), len(batch) - len(new), plan.head)
+
+
+async def append_own(store: AuditStore, events: list[CloudEvent]) -> AppendResult:
+    """Append events the audit service itself writes (denied calls): no Kafka origin."""
+    batch = [Accepted(ev, canonical_json(ev.to_jsonable()), Origin("")) for ev in events]
+    return await append(store, batch)
