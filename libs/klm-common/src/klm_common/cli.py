@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from klm_common import cli_audit
 from klm_common.client import KlmClient, RequestRejectedError
 from klm_common.contract import export
 from klm_common.db import SERVICES, provision
@@ -93,15 +94,8 @@ def demo() -> None:
     asyncio.run(run_demo(console))
 
 
-def _register_optional() -> None:
-    try:
-        from klm_common.cli_audit import register
-    except ImportError:  # pragma: no cover - audit commands ship with klm-common
-        return
-    register(app)
-
-
-_register_optional()
+# people's read commands over the audit API: klm keys, klm history, klm verify, klm report
+cli_audit.register(app)
 
 
 def main() -> None:
