@@ -1,0 +1,1 @@
+"""Adapters: the Postgres inventory store and the policy file source."""

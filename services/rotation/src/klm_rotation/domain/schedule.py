@@ -1,0 +1,166 @@
+"""What is due and when (:func:`plan`), and what to send when it is (:func:`decide`).
+
+Every key has at most one row per ``(kind, version)`` in the due-work table: ``rotate``
+(version = the primary it rotates away from), ``deactivate`` (a superseded version at the
+end of its process-only period) and ``destroy`` (version 0, at ``destroy_after``).
+
+A command's id is derived from what it acts on (:func:`command_id`), so every scheduler
+instance and every re-send after a restart produce the *same* request: keygen's idempotent
+inbox executes it once. Only a command keygen refused (which therefore did not happen) is
+retried under a new id.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal
+
+from klm_common.envelope import CloudEvent, make_event
+from klm_common.events import DeactivateVersion, DestroyKey, RotateKey
+from klm_common.kafka import KLM_NAMESPACE
+from klm_common.policy import CryptoPolicy
+from klm_rotation.domain.inventory import InventoryKey
+
+Kind = Literal["rotate", "deactivate", "destroy"]
+SOURCE = "klm/rotation"
+#: keygen refuses a destroy before destroy_after; a little margin absorbs clock skew
+DESTROY_MARGIN = timedelta(seconds=1)
+ROTATABLE_STATES = frozenset({"active", "compromised"})
+TERMINAL_STATES = frozenset({"destroyed", "destroyed-compromised"})
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    kind: Kind
+    version: int
+    planned_at: datetime
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DueRow:
+    """A claimed row of the due-work table."""
+
+    key_id: str
+    kind: Kind
+    version: int
+    planned_at: datetime
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with one due row: send a command (to ``target``), evaluate the key's
+    findings now (notify-mode rotation, blocked destruction), or drop a stale row."""
+
+    command: CloudEvent | None = None
+    target: Literal["requests", "commands"] | None = None
+    evaluate: bool = False
+    hold: bool = False
+    drop: bool = False
+
+
+def days(n: float, day_seconds: float) -> timedelta:
+    return timedelta(seconds=n * day_seconds)
+
+
+def _rotation(key: InventoryKey, policy: CryptoPolicy, day_seconds: float) -> Due | None:
+    if key.origin != "klm" or key.state not in ROTATABLE_STATES:
+        return None
+    if key.compromised_at is not None:
+        return Due("rotate", key.primary_version, key.compromised_at, "compromised")
+    if key.state != "active":
+        return None
+    rule = policy.rule_for(key.usages, key.profile)
+    if rule is None:
+        return None
+    return Due("rotate", key.primary_version,
+               key.primary_since + days(rule.cryptoperiod_days, day_seconds), "cryptoperiod")
+
+
+def _deactivations(key: InventoryKey, policy: CryptoPolicy, day_seconds: float) -> list[Due]:
+    if key.origin != "klm" or key.state in TERMINAL_STATES:
+        return []
+    rule = policy.rule_for(key.usages, key.profile)
+    if rule is None:
+        return []
+    period = days(rule.process_only_days, day_seconds)
+    return [Due("deactivate", n, v.superseded_at + period, "process_only_period")
+            for n, v in sorted(key.versions.items())
+            if n != key.primary_version and v.state == "active" and v.superseded_at is not None]
+
+
+def plan(key: InventoryKey, policy: CryptoPolicy, day_seconds: float) -> list[Due]:
+    """Every piece of future work the key needs, with its due time."""
+    work = _deactivations(key, policy, day_seconds)
+    rotation = _rotation(key, policy, day_seconds)
+    if rotation is not None:
+        work.append(rotation)
+    if key.destroy_after is not None and key.state not in TERMINAL_STATES:
+        work.append(Due("destroy", 0, key.destroy_after + DESTROY_MARGIN, "destruction_due"))
+    return work
+
+
+def command_id(key: InventoryKey, kind: Kind, version: int, planned_at: datetime) -> str:
+    """Same inputs, same id: a re-sent command is the same request (executed once)."""
+    attempt = key.rejections.get(f"{kind}:{version}", 0)
+    anchor = planned_at.isoformat() if kind == "destroy" else str(version)
+    return str(uuid.uuid5(KLM_NAMESPACE, f"{kind}/{key.key_id}/{anchor}/{attempt}"))
+
+
+def destruction_guard(key: InventoryKey, policy: CryptoPolicy, now: datetime,
+                      day_seconds: float) -> list[str]:
+    """Why destroying the key needs an override (empty: it does not)."""
+    reasons = []
+    recent = days(policy.defaults.recent_use_days, day_seconds)
+    if key.last_used_at is not None and now - key.last_used_at < recent:
+        reasons.append(f"used at {key.last_used_at.isoformat()}, within "
+                       f"{policy.defaults.recent_use_days:g} days")
+    if key.profile is not None and key.state in ("active", "suspended"):
+        reasons.append(f"still the primary key of profile {key.profile!r}")
+    return reasons
+
+
+def decide(row: DueRow, key: InventoryKey | None, policy: CryptoPolicy, now: datetime,
+           day_seconds: float) -> Decision:
+    """What one due row turns into (pure)."""
+    if key is None or not _still_planned(row, key, policy, day_seconds):
+        return Decision(drop=True)
+    ident = command_id(key, row.kind, row.version, row.planned_at)
+    if row.kind == "rotate":
+        return _decide_rotation(row, key, policy, ident)
+    if row.kind == "deactivate":
+        data = DeactivateVersion(key_id=key.key_id, version=row.version)
+        return Decision(_command(data, key, ident), "commands")
+    if not key.destruction_override and destruction_guard(key, policy, now, day_seconds):
+        return Decision(evaluate=True, hold=True)
+    reason = "destruction waiting period over"
+    return Decision(_command(DestroyKey(key_id=key.key_id, reason=reason), key, ident),
+                    "commands")
+
+
+def _decide_rotation(row: DueRow, key: InventoryKey, policy: CryptoPolicy, ident: str
+                     ) -> Decision:
+    if row.reason == "compromised":
+        data = RotateKey(key_id=key.key_id, reason="compromised")
+        return Decision(_command(data, key, ident), "requests")
+    rule = policy.rule_for(key.usages, key.profile)
+    if rule is None or rule.rotation == "notify":
+        return Decision(evaluate=True)
+    data = RotateKey(key_id=key.key_id,
+                     reason=f"cryptoperiod of {rule.cryptoperiod_days:g} days reached")
+    return Decision(_command(data, key, ident), "requests")
+
+
+def _still_planned(row: DueRow, key: InventoryKey, policy: CryptoPolicy,
+                   day_seconds: float) -> bool:
+    """A row written from an older view of the key (e.g. before a rotation) is stale."""
+    return any(d.kind == row.kind and d.version == row.version
+               for d in plan(key, policy, day_seconds))
+
+
+def _command(data: RotateKey | DeactivateVersion | DestroyKey, key: InventoryKey,
+             ident: str) -> CloudEvent:
+    return make_event(data.event_type, data, source=SOURCE, subject=key.key_id, event_id=ident)

@@ -1,0 +1,322 @@
+"""Rotation's handlers: one small function per message type or periodic job, each taking
+its dependencies (:class:`Deps`) and doing its work in one unit of work.
+
+* ``klm.lifecycle`` facts → inventory projection, schedule, findings (:func:`handle_facts`)
+* ``klm.inventory.requests`` → observed keys (:func:`import_observed_key`)
+* due work → rotate / deactivate / destroy commands (:func:`dispatch_due`)
+* continuous compliance scan (:func:`scan_page`) and policy (re)loads (:func:`apply_policy`)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiokafka import ConsumerRecord
+
+from klm_common.envelope import CloudEvent, make_event, now
+from klm_common.errors import KlmError, RequestInvalid, UnknownRequestType
+from klm_common.events import (
+    DestructionScheduled,
+    EventData,
+    ImportObservedKey,
+    PolicyChanged,
+    RequestRejected,
+    parse_data,
+)
+from klm_common.kafka import DeadLetters, Inbound, split_batch
+from klm_common.policy import CryptoPolicy, changed_sections
+from klm_common.topics import Topics
+from klm_rotation.domain import compliance, schedule
+from klm_rotation.domain.inventory import InventoryKey, apply, note_rejection
+from klm_rotation.domain.observed import observed_fact, rejection
+from klm_rotation.metrics import RotationMetrics
+from klm_rotation.ports import Inventory, RowId, Tx
+
+log = logging.getLogger(__name__)
+#: a held row (a destruction that needs an override) waits for a new plan, not for time
+HELD = datetime(9999, 1, 1, tzinfo=UTC)
+
+
+@dataclass
+class PolicyInForce:
+    policy: CryptoPolicy
+    path: str
+
+
+@dataclass
+class Deps:
+    inventory: Inventory
+    policy: PolicyInForce
+    topics: Topics
+    day_seconds: float
+    dead_letters: DeadLetters | None = None
+    metrics: RotationMetrics = field(default_factory=RotationMetrics)
+    on_commit: Callable[[], None] = lambda: None
+    wake_scheduler: Callable[[], None] = lambda: None
+    clock: Callable[[], datetime] = now
+    dispatch_batch: int = 2000
+    instance: str = "klm/rotation"
+
+
+# ------------------------------------------------------------------ shared steps
+def _fresh(inbound: Sequence[Inbound]) -> list[CloudEvent]:
+    seen: set[str] = set()
+    out = []
+    for item in inbound:
+        if item.event.id not in seen:
+            seen.add(item.event.id)
+            out.append(item.event)
+    return out
+
+
+async def reconcile(tx: Tx, keys: Sequence[InventoryKey], policy: CryptoPolicy,
+                    day_seconds: float) -> None:
+    """Make the due-work rows of ``keys`` match their plan; rows whose planned time is
+    unchanged are left alone (they keep their dispatch state)."""
+    if not keys:
+        return
+    existing = await tx.planned([k.key_id for k in keys])
+    desired = {(k.key_id, d.kind, d.version): d
+               for k in keys for d in schedule.plan(k, policy, day_seconds)}
+    upserts = [(rid[0], due) for rid, due in desired.items() if existing.get(rid) != due.planned_at]
+    deletes = [rid for rid in existing if rid not in desired]
+    await tx.write_schedule(upserts, deletes)
+
+
+async def assess(tx: Tx, keys: Sequence[InventoryKey], deps: Deps,
+                 changes: compliance.Changes) -> None:
+    """Evaluate ``keys`` now and record what changed in their findings."""
+    if not keys:
+        return
+    current = await tx.findings_of([k.key_id for k in keys])
+    moment = deps.clock()
+    for key in keys:
+        after = compliance.evaluate(key, deps.policy.policy, moment, deps.day_seconds)
+        compliance.compare(key, current.get(key.key_id, {}), after, changes)
+
+
+async def _publish_findings(tx: Tx, deps: Deps, changes: compliance.Changes) -> None:
+    await tx.save_findings(changes)
+    await tx.outbox(deps.topics.lifecycle, changes.events)
+
+
+# ------------------------------------------------------------------ klm.lifecycle
+def _parse_fact(event: CloudEvent) -> EventData | None:
+    """Facts rotation applies; anything else on the topic is someone else's business."""
+    if not (event.type.startswith("klm.key.") or event.type == RequestRejected.event_type):
+        return None
+    try:
+        return parse_data(event)
+    except KlmError as exc:
+        log.warning("ignoring %s %s: %s", event.type, event.id, exc)
+        return None
+
+
+async def handle_facts(records: Sequence[ConsumerRecord[bytes, bytes]], deps: Deps) -> None:
+    """One batch of ``klm.lifecycle``: project, reschedule, reassess, in one transaction."""
+    assert deps.dead_letters is not None
+    events = _fresh(await split_batch(records, deps.dead_letters))
+    facts = [(e, d) for e in events if (d := _parse_fact(e)) is not None]
+    if not facts:
+        return
+    async with deps.inventory.unit_of_work() as tx:
+        fresh = await tx.claim([e.id for e, _ in facts])
+        await project(tx, [(e, d) for e, d in facts if e.id in fresh], deps)
+    deps.on_commit()
+    deps.wake_scheduler()
+
+
+async def project(tx: Tx, facts: Sequence[tuple[CloudEvent, EventData]], deps: Deps) -> None:
+    policy, day = deps.policy.policy, deps.day_seconds
+    rejected = await tx.rows_for_requests(
+        [e.correlationid for e, d in facts if isinstance(d, RequestRejected) and e.correlationid])
+    subjects = [e.subject for e, d in facts if e.subject and not isinstance(d, RequestRejected)]
+    keys = await tx.load_keys(subjects + [rid[0] for rid in rejected.values()])
+    touched: dict[str, InventoryKey] = {}
+    retries: list[RowId] = []
+    records: list[CloudEvent] = []
+    for event, data in facts:
+        if isinstance(data, RequestRejected):
+            row = rejected.get(event.correlationid or "")
+            key = keys.get(row[0]) if row else None
+            if row is None or key is None:
+                continue
+            keys[key.key_id] = touched[key.key_id] = note_rejection(key, row[1], row[2])
+            retries.append(row)
+            deps.metrics.rejected(row[1], data.code)
+            continue
+        key = apply(keys.get(event.subject or ""), event, data)
+        if key is None:
+            continue
+        keys[key.key_id] = touched[key.key_id] = key
+        if isinstance(data, DestructionScheduled):
+            record = compliance.override_record(key, policy, deps.clock(), day, event)
+            records += [record] if record else []
+    changed = sorted(touched.values(), key=lambda k: k.key_id)
+    await tx.save_keys(changed)
+    await reconcile(tx, changed, policy, day)
+    retry_at = deps.clock() + schedule.days(policy.defaults.redispatch_days, day)
+    await tx.rearm([(r, None) for r in retries], retry_at)
+    changes = compliance.Changes(events=records)
+    await assess(tx, changed, deps, changes)
+    await _publish_findings(tx, deps, changes)
+    deps.metrics.findings(changes)
+
+
+# ------------------------------------------------------------------ klm.inventory.requests
+def _answer(request: CloudEvent, policy: CryptoPolicy, existing: InventoryKey | None
+            ) -> CloudEvent:
+    try:
+        data = parse_data(request)
+        if not isinstance(data, ImportObservedKey):
+            raise UnknownRequestType(f"rotation does not serve {request.type!r} on this topic")
+        if existing is not None and existing.origin == "klm":
+            raise RequestInvalid(f"{existing.key_id} is a KLM key, not an observed one",
+                                 key_id=existing.key_id)
+        return observed_fact(request, data, policy)
+    except KlmError as exc:
+        return rejection(request, exc)
+
+
+async def import_observed_key(records: Sequence[ConsumerRecord[bytes, bytes]],
+                              deps: Deps) -> None:
+    """``klm.request.import_observed_key``: one answer per request (fact or rejection); the
+    fact reaches the inventory through :func:`handle_facts` like every other fact."""
+    assert deps.dead_letters is not None
+    requests = _fresh(await split_batch(records, deps.dead_letters))
+    if not requests:
+        return
+    async with deps.inventory.unit_of_work() as tx:
+        fresh = await tx.claim([r.id for r in requests])
+        todo = [r for r in requests if r.id in fresh]
+        named = [str(r.data.get("key_id")) for r in todo if r.data.get("key_id")]
+        existing = await tx.read_keys(named) if named else {}
+        answers = [_answer(r, deps.policy.policy, existing.get(str(r.data.get("key_id"))))
+                   for r in todo]
+        await tx.outbox(deps.topics.lifecycle, answers)
+    deps.on_commit()
+
+
+# ------------------------------------------------------------------ due work
+@dataclass
+class Dispatch:
+    to_requests: list[CloudEvent] = field(default_factory=list)
+    to_commands: list[CloudEvent] = field(default_factory=list)
+    sent: list[tuple[RowId, str | None]] = field(default_factory=list)
+    later: list[tuple[RowId, str | None]] = field(default_factory=list)
+    held: list[tuple[RowId, str | None]] = field(default_factory=list)
+    dropped: list[RowId] = field(default_factory=list)
+    assess: dict[str, InventoryKey] = field(default_factory=dict)
+
+
+def _route(rows: Sequence[schedule.DueRow], keys: dict[str, InventoryKey], deps: Deps,
+           moment: datetime) -> Dispatch:
+    out = Dispatch()
+    for row in rows:
+        rid: RowId = (row.key_id, row.kind, row.version)
+        key = keys.get(row.key_id)
+        decision = schedule.decide(row, key, deps.policy.policy, moment, deps.day_seconds)
+        if decision.drop:
+            out.dropped.append(rid)
+            continue
+        if decision.evaluate and key is not None:
+            out.assess[key.key_id] = key
+        if decision.command is not None:
+            target = out.to_requests if decision.target == "requests" else out.to_commands
+            target.append(decision.command)
+            out.sent.append((rid, decision.command.id))
+            deps.metrics.dispatched(row.kind, row.reason)
+        elif decision.hold:
+            out.held.append((rid, None))
+        else:
+            out.later.append((rid, None))
+    return out
+
+
+async def dispatch_due(deps: Deps) -> int:
+    """Send every command that is due, a batch per transaction; return how many rows were
+    handled. Rows are claimed with SKIP LOCKED and re-armed before commit, so another
+    instance never sends the same work (and a re-send keeps the same request id)."""
+    total = 0
+    while True:
+        handled = await _dispatch_batch(deps)
+        total += handled
+        if handled < deps.dispatch_batch:
+            return total
+
+
+async def _dispatch_batch(deps: Deps) -> int:
+    moment = deps.clock()
+    policy = deps.policy.policy
+    async with deps.inventory.unit_of_work() as tx:
+        rows = await tx.claim_due(moment, deps.dispatch_batch)
+        if not rows:
+            return 0
+        keys = await tx.read_keys(sorted({r.key_id for r in rows}))
+        plan = _route(rows, keys, deps, moment)
+        await tx.outbox(deps.topics.requests, plan.to_requests)
+        await tx.outbox(deps.topics.commands, plan.to_commands)
+        next_at = moment + schedule.days(policy.defaults.redispatch_days, deps.day_seconds)
+        await tx.rearm(plan.sent + plan.later, next_at)
+        await tx.rearm(plan.held, HELD)
+        await tx.delete_rows(plan.dropped)
+        changes = compliance.Changes()
+        await assess(tx, list(plan.assess.values()), deps, changes)
+        await _publish_findings(tx, deps, changes)
+    deps.metrics.findings(changes)
+    if plan.sent or changes.events:
+        deps.on_commit()
+    return len(rows)
+
+
+# ------------------------------------------------------------------ compliance scan
+async def scan_page(deps: Deps, limit: int) -> int | None:
+    """Assess (and reschedule) the next page of the inventory; the number of keys, or None
+    when another instance holds the scan."""
+    async with deps.inventory.unit_of_work() as tx:
+        keys = await tx.scan_page(limit)
+        if keys is None:
+            return None
+        await reconcile(tx, keys, deps.policy.policy, deps.day_seconds)
+        changes = compliance.Changes()
+        await assess(tx, keys, deps, changes)
+        await _publish_findings(tx, deps, changes)
+    deps.metrics.findings(changes)
+    if changes.events:
+        deps.on_commit()
+    deps.wake_scheduler()
+    return len(keys)
+
+
+# ------------------------------------------------------------------ policy
+async def apply_policy(deps: Deps, policy: CryptoPolicy, path: str) -> bool:
+    """Put ``policy`` in force; record a ``klm.policy.changed`` event if it differs from the
+    one last recorded (by any instance). The scan then re-plans and reassesses everything."""
+    async with deps.inventory.unit_of_work() as tx:
+        changed, previous_sha, document = await tx.record_policy(policy)
+        if changed:
+            data = PolicyChanged(
+                name=policy.name, version=policy.version, sha256=policy.digest(),
+                previous_sha256=previous_sha, path=path, loaded_by=deps.instance,
+                changed=changed_sections(_previous(document), policy))
+            await tx.outbox(deps.topics.lifecycle, [make_event(
+                data.event_type, data, source=schedule.SOURCE)])
+    deps.policy.policy, deps.policy.path = policy, path
+    if changed:
+        log.info("policy %s v%d (%s) in force", policy.name, policy.version,
+                 policy.digest()[:12])
+        deps.on_commit()
+    return changed
+
+
+def _previous(document: dict[str, Any] | None) -> CryptoPolicy | None:
+    if document is None:
+        return None
+    try:
+        return CryptoPolicy.model_validate(document)
+    except ValueError:  # recorded by an older policy schema: report every section
+        return None

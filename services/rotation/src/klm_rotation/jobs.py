@@ -1,0 +1,96 @@
+"""Rotation's background jobs: the due-work scheduler, the continuous compliance scan, the
+policy watcher and the findings gauge. Each is a loop that survives errors (logged, retried);
+none holds state that a restart would lose — everything lives in Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+from klm_rotation.adapters.policy_source import PolicySource
+from klm_rotation.handlers import Deps, apply_policy, dispatch_due, scan_page
+
+log = logging.getLogger(__name__)
+
+
+class Wakeup:
+    """An event a handler sets to make a loop run now instead of at its next poll."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait until set or ``timeout``; True if it was set."""
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+            fired = True
+        except TimeoutError:
+            fired = False
+        self._event.clear()
+        return fired
+
+
+async def _guarded(name: str, step: Callable[[], Awaitable[float]]) -> None:
+    """Run ``step`` forever; it returns how long to wait before the next run."""
+    while True:
+        try:
+            pause = await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s failed; retrying", name)
+            pause = 1.0
+        await asyncio.sleep(pause)
+
+
+async def run_scheduler(deps: Deps, wakeup: Wakeup, poll: float) -> None:
+    async def step() -> float:
+        handled = await dispatch_due(deps)
+        if handled:
+            log.info("dispatched %d due item(s)", handled)
+        await wakeup.wait(poll)
+        return 0.0
+
+    await _guarded("scheduler", step)
+
+
+async def run_scan(deps: Deps, page_size: int, pass_pause: float) -> None:
+    async def step() -> float:
+        scanned = await scan_page(deps, page_size)
+        if scanned is None:  # another instance scans
+            return pass_pause
+        return 0.01 if scanned == page_size else pass_pause
+
+    await _guarded("compliance scan", step)
+
+
+async def run_policy_watch(deps: Deps, source: PolicySource, poll: float) -> None:
+    hup = Wakeup()
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, hup.set)
+
+    async def step() -> float:
+        hangup = await hup.wait(poll)  # SIGHUP reloads even if the mtime looks the same
+        if source.path is None or not (hangup or source.changed()):
+            return 0.0
+        policy = source.reload()
+        if policy is not None:
+            await apply_policy(deps, policy, source.name)
+        return 0.0
+
+    await _guarded("policy watch", step)
+
+
+async def run_gauge(deps: Deps, every: float) -> None:
+    async def step() -> float:
+        deps.metrics.open_findings = await deps.inventory.finding_counts()
+        return every
+
+    await _guarded("findings gauge", step)

@@ -1,0 +1,33 @@
+"""Rotation's settings: the shared ``KLM_`` settings plus the policy file and the pace of
+the scheduler and the compliance scan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from klm_common.settings import KlmSettings
+
+
+class RotationSettings(KlmSettings):
+    #: the crypto policy (YAML/JSON); the shipped default policy when unset
+    policy_file: Path | None = None
+    #: how often the file's mtime is checked (SIGHUP reloads at once)
+    policy_poll_seconds: float = 2.0
+    #: the scheduler looks for due work at least this often (and at once when woken)
+    schedule_poll_seconds: float = 1.0
+    #: due rows claimed per transaction
+    dispatch_batch: int = 2000
+    #: keys per compliance-scan page, and the pause between full passes (default: one
+    #: policy day, at most 5 minutes)
+    scan_page_size: int = 1000
+    scan_pass_seconds: float | None = None
+
+    @property
+    def schedule_poll(self) -> float:
+        return max(0.1, min(self.schedule_poll_seconds, self.day_seconds / 10))
+
+    @property
+    def scan_pause(self) -> float:
+        if self.scan_pass_seconds is not None:
+            return self.scan_pass_seconds
+        return max(0.5, min(300.0, self.day_seconds))
