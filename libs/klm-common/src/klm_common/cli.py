@@ -23,7 +23,7 @@ db_app = typer.Typer(help="Postgres roles, schemas and migrations")
 topics_app = typer.Typer(help="Kafka topics")
 app.add_typer(db_app, name="db")
 app.add_typer(topics_app, name="topics")
-console = Console()
+console = Console(emoji=False, highlight=False)  # key ids contain ":key:"
 
 
 @db_app.command("migrate")
