@@ -25,7 +25,8 @@ from klm_rotation.domain.inventory import InventoryKey
 
 Kind = Literal["rotate", "deactivate", "destroy"]
 SOURCE = "klm/rotation"
-#: keygen refuses a destroy before destroy_after; a little margin absorbs clock skew
+#: keygen refuses a destroy before destroy_after; a little margin absorbs clock skew (at
+#: most a second, less when tests shrink the policy day)
 DESTROY_MARGIN = timedelta(seconds=1)
 ROTATABLE_STATES = frozenset({"active", "compromised"})
 TERMINAL_STATES = frozenset({"destroyed", "destroyed-compromised"})
@@ -99,7 +100,8 @@ def plan(key: InventoryKey, policy: CryptoPolicy, day_seconds: float) -> list[Du
     if rotation is not None:
         work.append(rotation)
     if key.destroy_after is not None and key.state not in TERMINAL_STATES:
-        work.append(Due("destroy", 0, key.destroy_after + DESTROY_MARGIN, "destruction_due"))
+        margin = min(DESTROY_MARGIN, days(0.05, day_seconds))
+        work.append(Due("destroy", 0, key.destroy_after + margin, "destruction_due"))
     return work
 
 
