@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from klm_common import cli_audit
+from klm_common import cli_audit, cli_ceremony
 from klm_common.client import KlmClient, RequestRejectedError
 from klm_common.contract import export
 from klm_common.db import SERVICES, provision
@@ -96,6 +96,8 @@ def demo() -> None:
 
 # people's read commands over the audit API: klm keys, klm history, klm verify, klm report
 cli_audit.register(app)
+# backup KEK custody (klm ceremony init/recover) and klm backup recover/drill
+cli_ceremony.register(app)
 
 
 def main() -> None:
