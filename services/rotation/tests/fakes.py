@@ -80,7 +80,9 @@ class FakeTx:
 
     async def rearm(self, rows: Sequence[tuple[RowId, str | None]], due_at: datetime) -> None:
         for rid, request_id in rows:
-            row = self.s.schedule[rid]
+            row = self.s.schedule.get(rid)
+            if row is None:  # like an UPDATE that matches nothing
+                continue
             row.due_at, row.attempts = due_at, row.attempts + 1
             row.request_id = request_id or row.request_id
 

@@ -204,3 +204,25 @@ async def test_a_policy_change_is_recorded_once(deps: Deps) -> None:
     assert [e.data["version"] for e in changes] == [1, 2]
     assert changes[1].data["changed"] == ["version"]
     assert deps.policy.policy.version == 2
+
+
+async def test_work_refused_again_and_again_stops_with_a_finding(deps: Deps,
+                                                                 clock: Clock) -> None:
+    key = key_id()
+    await feed(deps, generated(key))
+    await feed(deps, fact("compromised", key, later(1), state="compromised",
+                          previous_state="active"))
+    ids = set()
+    for attempt in range(4):
+        clock.now = later(1 + attempt * 1.01)
+        await dispatch_due(deps)
+        sent = inv(deps).sent(TOPICS.requests)
+        if len(sent) > len(ids):
+            ids.add(sent[-1].id)
+            await feed(deps, make_event(
+                "klm.request.rejected", {"code": "illegal_transition", "message": "no",
+                                         "request_type": sent[-1].type, "key_id": key},
+                source="klm/keygen", subject=key, cause=sent[-1]))
+    assert len(ids) == 3
+    assert inv(deps).state.schedule == {}
+    assert "command_refused" in inv(deps).state.findings[key]

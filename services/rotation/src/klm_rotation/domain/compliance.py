@@ -13,10 +13,12 @@ from klm_common.events import PolicyViolation
 from klm_common.policy import CryptoPolicy, Rule, Severity, Transition
 from klm_rotation.domain.inventory import InventoryKey
 from klm_rotation.domain.schedule import (
+    MAX_REFUSALS,
     SOURCE,
     TERMINAL_STATES,
     days,
     destruction_guard,
+    refused,
 )
 
 #: every code :func:`evaluate` can give (and therefore may clear)
@@ -24,7 +26,7 @@ CODES = (
     "algorithm_not_approved", "key_size_below_minimum", "algorithm_not_allowed",
     "usage_not_permitted", "cryptoperiod_exceeded", "rotation_overdue",
     "transition_deadline_approaching", "algorithm_deprecated", "algorithm_disallowed",
-    "destruction_blocked",
+    "destruction_blocked", "command_refused",
 )
 
 
@@ -133,6 +135,16 @@ def _destruction(key: InventoryKey, policy: CryptoPolicy, now: datetime,
                      "remedy": "schedule the destruction again with override: true"})]
 
 
+def _refusals(key: InventoryKey, policy: CryptoPolicy, day_seconds: float) -> list[Finding]:
+    stuck = refused(key, policy, day_seconds)
+    if not stuck:
+        return []
+    return [Finding("command_refused", "high", "schedule",
+                    {"work": [f"{d.kind}:{d.version}" for d in stuck], "reasons":
+                     [d.reason for d in stuck], "refusals": MAX_REFUSALS,
+                     "remedy": "keygen refused this work; act on the key by hand"})]
+
+
 def evaluate(key: InventoryKey, policy: CryptoPolicy, now: datetime, day_seconds: float
              ) -> dict[str, Finding]:
     """The findings the key has now, by code (a destroyed key has none)."""
@@ -141,7 +153,7 @@ def evaluate(key: InventoryKey, policy: CryptoPolicy, now: datetime, day_seconds
     rule = policy.rule_for(key.usages, key.profile)
     found = [*_strength(key, policy), *_allowed(key, policy, rule),
              *_age(key, policy, rule, now, day_seconds), *_transition(key, policy, now),
-             *_destruction(key, policy, now, day_seconds)]
+             *_destruction(key, policy, now, day_seconds), *_refusals(key, policy, day_seconds)]
     return {f.code: f for f in found}
 
 

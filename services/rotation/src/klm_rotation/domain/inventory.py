@@ -142,12 +142,18 @@ def _compromised(key: InventoryKey, event: CloudEvent, d: KeyCompromised) -> Inv
 def _destruction_scheduled(key: InventoryKey, event: CloudEvent, d: DestructionScheduled
                            ) -> InventoryKey:
     return replace(key, state=d.state, destroy_after=d.destroy_after,
-                   destruction_override=d.override)
+                   destruction_override=d.override, rejections=_without(key, "destroy:0"))
 
 
 def _destruction_cancelled(key: InventoryKey, event: CloudEvent, d: DestructionCancelled
                            ) -> InventoryKey:
-    return replace(key, state=d.state, destroy_after=None, destruction_override=False)
+    return replace(key, state=d.state, destroy_after=None, destruction_override=False,
+                   rejections=_without(key, "destroy:0"))
+
+
+def _without(key: InventoryKey, slot: str) -> dict[str, int]:
+    """A new destruction schedule starts its refusal count afresh."""
+    return {k: n for k, n in key.rejections.items() if k != slot}
 
 
 def _used(key: InventoryKey, event: CloudEvent, d: UsageSummary) -> InventoryKey:

@@ -29,6 +29,8 @@ SOURCE = "klm/rotation"
 #: most a second, less when tests shrink the policy day)
 DESTROY_MARGIN = timedelta(seconds=1)
 ROTATABLE_STATES = frozenset({"active", "compromised"})
+#: after this many refusals of the same work the scheduler stops and a finding says so
+MAX_REFUSALS = 3
 TERMINAL_STATES = frozenset({"destroyed", "destroyed-compromised"})
 
 
@@ -93,8 +95,8 @@ def _deactivations(key: InventoryKey, policy: CryptoPolicy, day_seconds: float) 
             if n != key.primary_version and v.state == "active" and v.superseded_at is not None]
 
 
-def plan(key: InventoryKey, policy: CryptoPolicy, day_seconds: float) -> list[Due]:
-    """Every piece of future work the key needs, with its due time."""
+def wanted(key: InventoryKey, policy: CryptoPolicy, day_seconds: float) -> list[Due]:
+    """Every piece of future work the key needs, refused or not."""
     work = _deactivations(key, policy, day_seconds)
     rotation = _rotation(key, policy, day_seconds)
     if rotation is not None:
@@ -103,6 +105,18 @@ def plan(key: InventoryKey, policy: CryptoPolicy, day_seconds: float) -> list[Du
         margin = min(DESTROY_MARGIN, days(0.05, day_seconds))
         work.append(Due("destroy", 0, key.destroy_after + margin, "destruction_due"))
     return work
+
+
+def refused(key: InventoryKey, policy: CryptoPolicy, day_seconds: float) -> list[Due]:
+    """Wanted work keygen refused :data:`MAX_REFUSALS` times: no longer scheduled."""
+    return [d for d in wanted(key, policy, day_seconds)
+            if key.rejections.get(f"{d.kind}:{d.version}", 0) >= MAX_REFUSALS]
+
+
+def plan(key: InventoryKey, policy: CryptoPolicy, day_seconds: float) -> list[Due]:
+    """The work the scheduler will do for the key, with its due time."""
+    return [d for d in wanted(key, policy, day_seconds)
+            if key.rejections.get(f"{d.kind}:{d.version}", 0) < MAX_REFUSALS]
 
 
 def command_id(key: InventoryKey, kind: Kind, version: int, planned_at: datetime) -> str:
