@@ -5,6 +5,13 @@ It publishes a request to ``klm.requests`` and awaits its one answer on ``klm.li
 
     async with KlmClient(KlmSettings(), source="billing") as klm:
         fact = await klm.generate_key(owner="billing", name="invoices", algorithm="AES-256")
+
+Usage operations (``sign``, ``verify``, ``encrypt``, ``decrypt``, ``mac``, ``verify_mac``,
+``wrap``, ``unwrap``) go over ``klm.crypto.requests`` and are answered on this client's own
+reply topic (see :mod:`klm_common.crypto_channel`), opened on the first such call::
+
+        sealed = await klm.encrypt(key_id, b"secret", aad=b"invoice-42", owner="billing")
+        opened = await klm.decrypt(sealed, aad=b"invoice-42", owner="billing")
 """
 
 from __future__ import annotations
@@ -16,9 +23,30 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from klm_common.crypto_channel import (
+    Ciphertext,
+    CryptoChannel,
+    Mac,
+    Opened,
+    Signature,
+    b64,
+    unb64,
+)
 from klm_common.envelope import CloudEvent, make_event, parse_envelope
 from klm_common.errors import KlmError
-from klm_common.events import EventData, GenerateKey, RequestRejected
+from klm_common.events import (
+    CryptoDecrypt,
+    CryptoEncrypt,
+    CryptoMac,
+    CryptoMacVerify,
+    CryptoSign,
+    CryptoUnwrap,
+    CryptoVerify,
+    CryptoWrap,
+    EventData,
+    GenerateKey,
+    RequestRejected,
+)
 from klm_common.settings import KlmSettings
 from klm_common.topics import Topics
 
@@ -50,6 +78,8 @@ class KlmClient:
                                           enable_auto_commit=False)
         self._waiters: dict[str, asyncio.Future[CloudEvent]] = {}
         self._listener: asyncio.Task[None] | None = None
+        self._crypto: CryptoChannel | None = None
+        self._crypto_lock = asyncio.Lock()
 
     async def __aenter__(self) -> KlmClient:
         await self.start()
@@ -74,6 +104,9 @@ class KlmClient:
         self._listener = asyncio.create_task(self._listen(), name="klm-client-answers")
 
     async def stop(self) -> None:
+        if self._crypto is not None:
+            await self._crypto.stop()
+            self._crypto = None
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -119,3 +152,97 @@ class KlmClient:
         """Ask for a new key; returns the ``klm.key.generated`` fact."""
         return await self.request(GenerateKey(owner=owner, name=name, algorithm=algorithm,
                                               **fields))
+
+    # ---- usage operations (klm.crypto.requests → this client's reply topic) -----------------
+    async def crypto(self) -> CryptoChannel:
+        """The usage channel, started on first use (its reply topic is created then)."""
+        async with self._crypto_lock:
+            if self._crypto is None:
+                channel = CryptoChannel(self._settings, self._source, min(self._timeout, 10.0))
+                await channel.start()
+                self._crypto = channel
+            return self._crypto
+
+    async def sign(self, key_id: str, data: bytes, *, owner: str, hash: str | None = None,
+                   scheme: str | None = None, timeout: float | None = None) -> Signature:
+        """Sign with the key's primary version (ECDSA → DER, Ed25519, RSA-PSS/PKCS#1 v1.5)."""
+        channel = await self.crypto()
+        reply = await channel.call(CryptoSign(
+            key_id=key_id, owner=owner, reply_to=channel.reply_topic, data_b64=b64(data),
+            hash=hash, scheme=scheme), timeout)
+        return Signature(key_id, reply.version or 0, reply.algorithm or "",
+                         unb64(reply.signature_b64), reply.warning)
+
+    async def verify(self, key_id: str, data: bytes, signature: bytes | Signature, *,
+                     owner: str, version: int | None = None, hash: str | None = None,
+                     scheme: str | None = None, timeout: float | None = None) -> bool:
+        """True if ``signature`` is valid (inside the HSM); the version defaults to the one
+        the :class:`Signature` names, else the primary."""
+        if isinstance(signature, Signature):
+            version, signature = version or signature.version, signature.signature
+        channel = await self.crypto()
+        reply = await channel.call(CryptoVerify(
+            key_id=key_id, owner=owner, reply_to=channel.reply_topic, data_b64=b64(data),
+            signature_b64=b64(signature), version=version, hash=hash, scheme=scheme),
+            timeout)
+        return bool(reply.valid)
+
+    async def encrypt(self, key_id: str, plaintext: bytes, *, owner: str,
+                      aad: bytes | None = None, timeout: float | None = None) -> Ciphertext:
+        """AES-GCM (AES keys; ``aad`` is bound to the ciphertext) or RSA-OAEP-SHA256."""
+        channel = await self.crypto()
+        reply = await channel.call(CryptoEncrypt(
+            key_id=key_id, owner=owner, reply_to=channel.reply_topic,
+            plaintext_b64=b64(plaintext), aad_b64=b64(aad) if aad is not None else None),
+            timeout)
+        return Ciphertext(key_id, reply.version or 0, reply.algorithm or "",
+                          unb64(reply.ciphertext_b64),
+                          unb64(reply.nonce_b64) if reply.nonce_b64 else None)
+
+    async def decrypt(self, ciphertext: Ciphertext, *, owner: str, aad: bytes | None = None,
+                      timeout: float | None = None) -> Opened:
+        """Open a :class:`Ciphertext` with the version it names."""
+        channel = await self.crypto()
+        reply = await channel.call(CryptoDecrypt(
+            key_id=ciphertext.key_id, owner=owner, reply_to=channel.reply_topic,
+            version=ciphertext.version, ciphertext_b64=b64(ciphertext.ciphertext),
+            nonce_b64=b64(ciphertext.nonce) if ciphertext.nonce is not None else None,
+            aad_b64=b64(aad) if aad is not None else None), timeout)
+        return Opened(unb64(reply.plaintext_b64), ciphertext.key_id, reply.version or 0,
+                      reply.warning)
+
+    async def mac(self, key_id: str, data: bytes, *, owner: str,
+                  timeout: float | None = None) -> Mac:
+        channel = await self.crypto()
+        reply = await channel.call(CryptoMac(key_id=key_id, owner=owner,
+                                             reply_to=channel.reply_topic,
+                                             data_b64=b64(data)), timeout)
+        return Mac(key_id, reply.version or 0, reply.algorithm or "", unb64(reply.mac_b64))
+
+    async def verify_mac(self, key_id: str, data: bytes, mac: bytes | Mac, *, owner: str,
+                         version: int | None = None, timeout: float | None = None) -> bool:
+        if isinstance(mac, Mac):
+            version, mac = version or mac.version, mac.mac
+        channel = await self.crypto()
+        reply = await channel.call(CryptoMacVerify(
+            key_id=key_id, owner=owner, reply_to=channel.reply_topic, data_b64=b64(data),
+            mac_b64=b64(mac), version=version), timeout)
+        return bool(reply.valid)
+
+    async def wrap(self, key_id: str, key_material: bytes, *, owner: str,
+                   timeout: float | None = None) -> Ciphertext:
+        """Wrap a data key under an AES key with AES-KWP (RFC 5649)."""
+        channel = await self.crypto()
+        reply = await channel.call(CryptoWrap(key_id=key_id, owner=owner,
+                                              reply_to=channel.reply_topic,
+                                              key_b64=b64(key_material)), timeout)
+        return Ciphertext(key_id, reply.version or 0, reply.algorithm or "",
+                          unb64(reply.wrapped_b64))
+
+    async def unwrap(self, wrapped: Ciphertext, *, owner: str,
+                     timeout: float | None = None) -> Opened:
+        channel = await self.crypto()
+        reply = await channel.call(CryptoUnwrap(
+            key_id=wrapped.key_id, owner=owner, reply_to=channel.reply_topic,
+            wrapped_b64=b64(wrapped.ciphertext), version=wrapped.version), timeout)
+        return Opened(unb64(reply.key_b64), wrapped.key_id, reply.version or 0, reply.warning)

@@ -135,6 +135,8 @@ class DeactivateVersion(EventData):
 B64_PATTERN = r"^[A-Za-z0-9+/]*={0,2}$"
 #: a safe Kafka topic name; keygen also requires its configured reply-topic prefix
 REPLY_TOPIC_PATTERN = r"^[A-Za-z0-9._-]{1,249}$"
+#: reply topics live under <topic prefix> + this (keygen writes nowhere else)
+REPLY_TOPIC_BASE = "klm.crypto.replies."
 HashName = Literal["SHA-256", "SHA-384", "SHA-512"]
 _B64_MAX = 350_000  # a record is at most 256 KiB anyway
 

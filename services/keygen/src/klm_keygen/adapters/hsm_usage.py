@@ -24,7 +24,7 @@ from enum import StrEnum
 from typing import Any
 
 import pkcs11
-from asn1crypto.core import OctetString
+from asn1crypto.core import OctetString  # type: ignore[import-untyped]
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import (
@@ -35,7 +35,7 @@ from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from klm_common.algorithms import CURVES, Algorithm, Usage
-from klm_common.errors import HsmError, HsmUnavailable, KlmError, RequestInvalid, UsageNotPermitted
+from klm_common.errors import HsmError, KlmError, RequestInvalid, UsageNotPermitted
 from klm_keygen.domain import oaep
 from klm_keygen.domain.usage import DecryptionFailed, Operation
 
@@ -120,12 +120,16 @@ class KeyHandles:
     def __init__(self, capacity: int = 4096) -> None:
         self.capacity = capacity
         self._objects: OrderedDict[tuple[str, int, Role], tuple[Any, bool]] = OrderedDict()
+        self._session: Any = None
         self.loads = 0
 
     def __len__(self) -> int:
         return len(self._objects)
 
     def get(self, session: Any, kek: Any, ref: KeyVersionRef, role: Role) -> Any:
+        if session is not self._session:  # a reopened session: old handles are gone
+            self._objects.clear()
+            self._session = session
         slot = (ref.key_id, ref.version, role)
         found = self._objects.get(slot)
         if found is not None:
@@ -451,7 +455,8 @@ def execute_batch(session: Any, kek: Any, handles: KeyHandles, ops: Sequence[Hsm
                   ) -> list[HsmOutcome | KlmError]:
     """``hsm.run(execute_batch, handles, ops)``: one result or coded error per operation.
 
-    A lost session fails the whole batch (:class:`HsmUnavailable`, redelivered)."""
+    A lost session fails the whole batch (``run`` raises :class:`HsmUnavailable`; the batch
+    is redelivered)."""
     nonces = _nonces(session, ops)
     results: list[HsmOutcome | KlmError] = []
     for op in ops:
@@ -459,10 +464,16 @@ def execute_batch(session: Any, kek: Any, handles: KeyHandles, ops: Sequence[Hsm
             results.append(_execute(session, kek, handles, op, nonces))
         except KlmError as exc:
             results.append(exc)
-        except _LOST_SESSION as exc:
-            raise HsmUnavailable(f"HSM session lost: {type(exc).__name__}") from exc
+        except _LOST_SESSION:
+            raise  # Pkcs11Hsm.run drops the session and raises HsmUnavailable
         except pkcs11.PKCS11Error as exc:
             results.append(_map_error(op, exc))
+        except AttributeError:
+            # python-pkcs11 exposes sign/decrypt/... only on objects whose CKA_SIGN/
+            # CKA_DECRYPT/... is true: the unwrapped object was not made for this use
+            results.append(UsageNotPermitted(
+                f"the HSM object of {op.ref.key_id} v{op.ref.version} cannot "
+                f"{op.operation.value}"))
     return results
 
 
@@ -478,7 +489,7 @@ def _nonces(session: Any, ops: Sequence[HsmOp]) -> list[bytes]:
 
 def _map_error(op: HsmOp, exc: pkcs11.PKCS11Error) -> KlmError:
     name = type(exc).__name__
-    if isinstance(exc, pkcs11.KeyFunctionNotPermitted | pkcs11.KeyTypeInconsistent):
+    if isinstance(exc, pkcs11.KeyTypeInconsistent | pkcs11.KeyHandleInvalid):
         return UsageNotPermitted(f"the HSM refused {op.operation.value} with this key ({name})")
     if isinstance(exc, pkcs11.DataLenRange | pkcs11.DataInvalid):
         return RequestInvalid(f"{op.operation.value}: input refused by the HSM ({name})")

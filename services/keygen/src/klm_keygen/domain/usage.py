@@ -103,7 +103,7 @@ class DecryptionFailed(KlmError):
 
 
 @dataclass(frozen=True, slots=True)
-class VersionRecord:
+class UsageVersion:
     version: int
     state: KeyState
     wrapped: bytes | None
@@ -112,7 +112,7 @@ class VersionRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class KeyRecord:
+class UsageKey:
     """A key as the keystore knows it, with its versions (material wrapped only)."""
 
     key_id: str
@@ -123,23 +123,23 @@ class KeyRecord:
     usages: frozenset[Usage]
     state: KeyState
     primary_version: int
-    versions: Mapping[int, VersionRecord]
+    versions: Mapping[int, UsageVersion]
 
 
 @dataclass(frozen=True, slots=True)
 class Grant:
     """Permission to run one operation on one version."""
 
-    key: KeyRecord
-    version: VersionRecord
+    key: UsageKey
+    version: UsageVersion
     warning: str | None = None
 
 
-def effective_state(key: KeyRecord, version: VersionRecord) -> KeyState:
+def effective_state(key: UsageKey, version: UsageVersion) -> KeyState:
     return max(key.state, version.state, key=_SEVERITY.index)
 
 
-def authorise(request: CryptoRequest, operation: Operation, key: KeyRecord | None) -> Grant:
+def authorise(request: CryptoRequest, operation: Operation, key: UsageKey | None) -> Grant:
     """Decide one request; raise the coded refusal (see the module doc for the order)."""
     if key is None:
         raise KeyNotFound(f"no key {request.key_id}")
@@ -207,7 +207,7 @@ def refusal(request: CloudEvent, operation: str, error: KlmError,
 
 
 def denial_fact(request: CloudEvent, data: CryptoRequest, operation: Operation,
-                error: KlmError, key: KeyRecord) -> CloudEvent:
+                error: KlmError, key: UsageKey) -> CloudEvent:
     """``klm.key.usage_denied``: misuse attempts are visible to auditors."""
     version = error.details.get("version")
     fact = UsageDenied(key_id=key.key_id, owner=key.owner, operation=operation.value,
