@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""The Kafka ACLs of the secured stack (KLM_KAFKA_SECURITY=sasl), as lines for
+``KlmKafkaAdmin.java acls``: ``<principal> <operation> <resource> <pattern> <name>``.
+
+Least privilege, one principal per KLM service and one per requesting tenant:
+
+* every service: DESCRIBE on the KLM topics of its namespace (metadata, ``ensure_topics``
+  listing), WRITE on ``klm.dlq``, READ on its own consumer groups (``klm-<service>*``);
+* ``keygen`` READs the request topics (``klm.requests`` and ``klm.requests.<tenant>``),
+  crypto requests, commands and backup commands; WRITEs lifecycle facts, backup material
+  and crypto replies (``klm.crypto.replies.*``);
+* ``rotation`` READs lifecycle and inventory requests; WRITEs commands and lifecycle
+  (policy findings, observed keys);
+* ``backup`` READs lifecycle, the request topics (backup_key/restore_key) and
+  ``klm.backup``; WRITEs backup commands, ``klm.backup`` and lifecycle;
+* ``audit`` READs every topic it stores (never ``klm.crypto.requests``, whose payloads may
+  hold plaintext); WRITEs commands (checkpoint signing by keygen);
+* a tenant ``<t>`` WRITEs ``klm.requests.<t>`` ONLY, READs ``klm.lifecycle`` (its answers)
+  and ``klm.crypto.replies.<t>`` (or ``.<t>.*``); no consumer group (it reads by assignment).
+
+``admin`` (and the KRaft ``controller``) are super users: no ACL needed. The topic
+*prefix* (``KLM_TOPIC_PREFIX``, a namespace per test run) is prepended to every topic name,
+so one plan serves production (empty prefix) and each test namespace. Keep the topic names
+in step with ``klm_common/topics.py`` (tests/integration/test_security_kafka.py checks it).
+
+usage: acl_plan.py [--prefix P] [--tenant T ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+SERVICES = ("keygen", "rotation", "backup", "audit")
+#: principal names KLM reserves; a tenant may not take one
+RESERVED = frozenset({*SERVICES, "admin", "controller", "ANONYMOUS"})
+TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+REQUESTS = "klm.requests"
+LIFECYCLE = "klm.lifecycle"
+DLQ = "klm.dlq"
+CRYPTO_REQUESTS = "klm.crypto.requests"
+CRYPTO_REPLIES = "klm.crypto.replies."
+COMMANDS = "klm.commands"
+INVENTORY_REQUESTS = "klm.inventory.requests"
+BACKUP_COMMANDS = "klm.backup.commands"
+BACKUP = "klm.backup"
+
+# (operation, topic, pattern) per service, beyond what every service gets
+SERVICE_TOPICS: dict[str, list[tuple[str, str, str]]] = {
+    "keygen": [("READ", REQUESTS, "literal"), ("READ", REQUESTS + ".", "prefixed"),
+               ("READ", CRYPTO_REQUESTS, "literal"), ("READ", COMMANDS, "literal"),
+               ("READ", BACKUP_COMMANDS, "literal"), ("WRITE", LIFECYCLE, "literal"),
+               ("WRITE", BACKUP, "literal"), ("WRITE", CRYPTO_REPLIES, "prefixed")],
+    "rotation": [("READ", LIFECYCLE, "literal"), ("READ", INVENTORY_REQUESTS, "literal"),
+                 ("WRITE", COMMANDS, "literal"), ("WRITE", LIFECYCLE, "literal")],
+    "backup": [("READ", LIFECYCLE, "literal"), ("READ", REQUESTS, "literal"),
+               ("READ", REQUESTS + ".", "prefixed"), ("READ", BACKUP, "literal"),
+               ("WRITE", BACKUP_COMMANDS, "literal"), ("WRITE", BACKUP, "literal"),
+               ("WRITE", LIFECYCLE, "literal")],
+    "audit": [("READ", LIFECYCLE, "literal"), ("READ", REQUESTS, "literal"),
+              ("READ", REQUESTS + ".", "prefixed"), ("READ", COMMANDS, "literal"),
+              ("READ", DLQ, "literal"), ("READ", BACKUP, "literal"),
+              ("READ", BACKUP_COMMANDS, "literal"), ("READ", INVENTORY_REQUESTS, "literal"),
+              ("WRITE", COMMANDS, "literal")],
+}
+
+
+def check_tenant(name: str) -> str:
+    if not TENANT_NAME.fullmatch(name) or name in RESERVED:
+        raise ValueError(f"invalid tenant name {name!r} (lower-case [a-z0-9_-], not reserved)")
+    return name
+
+
+def service_acls(service: str, prefix: str) -> list[str]:
+    user = f"User:{service}"
+    lines = [f"{user} DESCRIBE topic prefixed {prefix}klm.",
+             f"{user} WRITE topic literal {prefix}{DLQ}",
+             f"{user} READ group prefixed klm-{service}"]
+    lines += [f"{user} {op} topic {pattern} {prefix}{topic}"
+              for op, topic, pattern in SERVICE_TOPICS[service]]
+    return lines
+
+
+def tenant_acls(tenant: str, prefix: str) -> list[str]:
+    user = f"User:{check_tenant(tenant)}"
+    return [f"{user} WRITE topic literal {prefix}{REQUESTS}.{tenant}",
+            f"{user} DESCRIBE topic literal {prefix}{REQUESTS}.{tenant}",
+            f"{user} READ topic literal {prefix}{LIFECYCLE}",
+            f"{user} DESCRIBE topic literal {prefix}{LIFECYCLE}",
+            f"{user} READ topic literal {prefix}{CRYPTO_REPLIES}{tenant}",
+            f"{user} DESCRIBE topic literal {prefix}{CRYPTO_REPLIES}{tenant}",
+            f"{user} READ topic prefixed {prefix}{CRYPTO_REPLIES}{tenant}.",
+            f"{user} DESCRIBE topic prefixed {prefix}{CRYPTO_REPLIES}{tenant}."]
+
+
+def plan(prefix: str, tenants: list[str]) -> list[str]:
+    lines: list[str] = []
+    for service in SERVICES:
+        lines += service_acls(service, prefix)
+    for tenant in tenants:
+        lines += tenant_acls(tenant, prefix)
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prefix", default="")
+    parser.add_argument("--tenant", action="append", default=[])
+    parser.add_argument("--tenant-topics", action="store_true",
+                        help="print the tenants' request topics (name partitions) instead")
+    args = parser.parse_args()
+    try:
+        if args.tenant_topics:
+            print("\n".join(f"{args.prefix}{REQUESTS}.{check_tenant(t)} 6"
+                            for t in args.tenant))
+        else:
+            print("\n".join(plan(args.prefix, args.tenant)))
+    except ValueError as exc:
+        print(f"acl_plan: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
