@@ -25,8 +25,11 @@ from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
 from faststream.middlewares import AckPolicy
 from opentelemetry import metrics, trace
 
+from klm_common import inbound_telemetry
+from klm_common import metrics as klm_metrics
 from klm_common.envelope import CloudEvent, EnvelopeInvalid, make_event, parse_envelope
 from klm_common.events import DeadLetter
+from klm_common.inbound_telemetry import InboundTelemetry
 from klm_common.settings import KlmSettings
 from klm_common.topics import Topics
 
@@ -48,8 +51,11 @@ def make_broker(settings: KlmSettings, client_id: str, **kwargs: Any) -> KafkaBr
         linger_ms=2,
         ack_policy=AckPolicy.NACK_ON_ERROR,
         graceful_timeout=15.0,
+        # FastStream's span per batch (links its records), then KLM's span per record (a
+        # child of the record's own trace) and request/lag metrics — see inbound_telemetry
         middlewares=[KafkaTelemetryMiddleware(tracer_provider=trace.get_tracer_provider(),
-                                              meter_provider=metrics.get_meter_provider())],
+                                              meter_provider=metrics.get_meter_provider()),
+                     InboundTelemetry],
         **kwargs,
     )
 
@@ -142,6 +148,7 @@ class DeadLetters:
                                  headers={"content-type": "application/cloudevents+json"})
             for ev in letters))
         self.count += len(letters)
+        klm_metrics.add(klm_metrics.DLQ_RECORDS, len(letters), {"klm.consumer": self._consumer})
         log.warning("sent %d record(s) to %s", len(letters), self._topic)
 
 
@@ -156,5 +163,7 @@ async def split_batch(
             good.append(Inbound(parse_envelope(record.value), record))
         except EnvelopeInvalid as exc:
             bad.append(dead_letters.letter(record, exc.message))
+            inbound_telemetry.note_dead_letter(record)
     await dead_letters.publish(bad)
+    inbound_telemetry.note_parsed((i.event, i.record) for i in good)
     return good

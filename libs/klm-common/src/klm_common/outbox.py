@@ -18,12 +18,17 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind
 
+from klm_common import inbound_telemetry, metrics, telemetry
 from klm_common.envelope import CloudEvent
 
 log = logging.getLogger(__name__)
@@ -34,15 +39,27 @@ RELAY_LOCK_ID = 7243100
 
 async def add_to_outbox(conn: asyncpg.Connection, topic: str,
                         events: Sequence[CloudEvent]) -> None:
-    """Queue ``events`` for ``topic`` in the caller's transaction, with the trace context."""
+    """Queue ``events`` for ``topic`` in the caller's transaction, with the trace context:
+    that of the inbound record the event answers when a batch consumer is handling one
+    (see :mod:`klm_common.inbound_telemetry`), else the current one."""
     if not events:
         return
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    headers = json.dumps({"content-type": "application/cloudevents+json", **carrier})
+    batch = inbound_telemetry.current_batch()
+    current = _headers_json(None)
+    rows = []
+    for ev in events:
+        context = batch.context_for(ev) if batch is not None else None
+        rows.append((topic, ev.partition_key, ev.to_bytes(),
+                     current if context is None else _headers_json(context)))
     await conn.executemany(
-        "INSERT INTO outbox (topic, key, value, headers) VALUES ($1, $2, $3, $4::jsonb)",
-        [(topic, ev.partition_key, ev.to_bytes(), headers) for ev in events])
+        "INSERT INTO outbox (topic, key, value, headers) VALUES ($1, $2, $3, $4::jsonb)", rows)
+    inbound_telemetry.note_answers(events)
+
+
+def _headers_json(context: Context | None) -> str:
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=context)
+    return json.dumps({"content-type": "application/cloudevents+json", **carrier})
 
 
 class OutboxRelay:
@@ -98,16 +115,48 @@ class OutboxRelay:
                 "SELECT seq, topic, key, value, headers FROM outbox ORDER BY seq LIMIT $1",
                 self._batch)
             if not rows:
-                self.backlog = 0
+                if self.backlog:
+                    self.backlog = 0
+                    self._observe(0, 0.0)
                 return 0
+            started = time.perf_counter()
+            spans = []
             futures = []
             for row in rows:
-                headers = [(k, v.encode()) for k, v in json.loads(row["headers"]).items()]
+                headers, span = _publish_span(row["topic"], json.loads(row["headers"]))
+                spans.append(span)
                 futures.append(await self._producer.send(
                     row["topic"], row["value"], key=row["key"], headers=headers))
-            await asyncio.gather(*futures)
+            try:
+                await asyncio.gather(*futures)
+            finally:
+                for span in spans:
+                    span.end()
             await conn.execute("DELETE FROM outbox WHERE seq = ANY($1::bigint[])",
                                [r["seq"] for r in rows])
+            # a full batch means more may wait: count them (cheap, the table stays small)
+            self.backlog = (await conn.fetchval("SELECT count(*) FROM outbox")
+                            if len(rows) >= self._batch else 0)
         self.published += len(rows)
-        self.backlog = max(0, self.backlog - len(rows))
+        self._observe(len(rows), time.perf_counter() - started)
         return len(rows)
+
+    def _observe(self, published: int, seconds: float) -> None:
+        attrs = {"klm.service": telemetry.service_name()}
+        if published:
+            metrics.add(metrics.OUTBOX_PUBLISHED, published, attrs)
+            metrics.record(metrics.OUTBOX_PUBLISH_DURATION, seconds, attrs)
+        metrics.set_gauge(metrics.OUTBOX_BACKLOG, self.backlog, attrs)
+
+
+def _publish_span(topic: str, stored: dict[str, str]) -> tuple[list[tuple[str, bytes]], Any]:
+    """A PRODUCER span per relayed row, child of the context saved with the row; the record
+    carries the span's own context onwards (consumers continue from the publish)."""
+    parent = propagate.extract(stored)
+    span = trace.get_tracer("klm.outbox").start_span(
+        f"klm.outbox.publish {topic}", context=parent, kind=SpanKind.PRODUCER,
+        attributes={"messaging.system": "kafka", "messaging.destination.name": topic,
+                    "messaging.operation.type": "send"})
+    carrier = {k: v for k, v in stored.items() if k not in ("traceparent", "tracestate")}
+    propagate.inject(carrier, context=trace.set_span_in_context(span, parent))
+    return [(k, v.encode()) for k, v in carrier.items()], span

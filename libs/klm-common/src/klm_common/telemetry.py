@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 from opentelemetry import metrics, trace
@@ -18,6 +19,8 @@ from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetr
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+from klm_common import metrics as klm_metrics
 
 VERSION = "0.1.0"
 
@@ -39,19 +42,21 @@ class Telemetry:
 
 
 _current: Telemetry | None = None
+_service = "klm"
+
+
+def service_name() -> str:
+    """``klm-<service>`` of this process once :func:`setup_telemetry` ran (else ``klm``)."""
+    return _service
 
 
 def setup_telemetry(service: str) -> Telemetry:
     """Create (once per process) the providers for ``service`` and make them global."""
-    global _current  # noqa: PLW0603 - one SDK setup per process, like the OTel globals
+    global _current, _service  # noqa: PLW0603 - one SDK setup per process, like OTel's
     if _current is not None:
         return _current
-    resource = Resource.create({
-        "service.name": f"klm-{service}",
-        "service.namespace": "klm",
-        "service.version": VERSION,
-        "service.instance.id": f"{os.uname().nodename}-{os.getpid()}",
-    })
+    _service = f"klm-{service}"
+    resource = service_resource(service)
     tracer_provider = TracerProvider(resource=resource)
     readers: list[MetricReader] = [PrometheusMetricReader()]
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
@@ -66,4 +71,21 @@ def setup_telemetry(service: str) -> Telemetry:
     trace.set_tracer_provider(tracer_provider)
     metrics.set_meter_provider(meter_provider)
     _current = Telemetry(tracer_provider, meter_provider)
+    klm_metrics.create_all()
     return _current
+
+
+def service_resource(service: str) -> Resource:
+    """Standard resource attributes (OTel semantic conventions): ``service.name``,
+    ``service.namespace``, ``service.version``, ``service.instance.id``, plus host, process
+    and environment; ``OTEL_RESOURCE_ATTRIBUTES`` adds attributes (these win on conflict)."""
+    attributes = {
+        "service.name": f"klm-{service}",
+        "service.namespace": "klm",
+        "service.version": VERSION,
+        "service.instance.id": f"{socket.gethostname()}-{os.getpid()}",
+        "host.name": socket.gethostname(),
+        "process.pid": os.getpid(),
+        "deployment.environment.name": os.environ.get("KLM_ENVIRONMENT", "local"),
+    }
+    return Resource.create(attributes)
