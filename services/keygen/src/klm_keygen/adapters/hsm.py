@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_named_curve_parameters
 
+from klm_common import metrics as klm_metrics
 from klm_common.algorithms import CURVES, Algorithm, KeySpec, Protection, Usage
 from klm_common.errors import HsmError, HsmUnavailable, KlmError, MechanismUnavailable
 from klm_keygen.adapters import hsm_lifecycle
@@ -131,7 +132,9 @@ class Pkcs11Hsm:
             return False
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        name = getattr(fn, "__name__", "call").strip("_")
+        with klm_metrics.hsm_operation(name):  # latency and errors per operation (issue 8)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(session, master_kek, *args)`` on the HSM thread — how other adapter
@@ -148,6 +151,7 @@ class Pkcs11Hsm:
                 self._raise_if_lost(exc)
                 raise
 
+        call.__name__ = getattr(fn, "__name__", "call")  # the metric names the operation
         return await self._run(call)
 
     # the methods below run on the HSM thread only
