@@ -333,8 +333,15 @@ class Pkcs11Hsm:
             return GeneratedVersion(None, public_der, kcv, hsm_object_id=obj_id)
         # session object: wrap under the master KEK, then let it go (it dies with the session
         # anyway; destroying it now keeps the session small)
-        wrapped = self._kek.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP_PAD)
-        key.destroy()
+        try:
+            wrapped = self._kek.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+        except pkcs11.KeyNotWrappable as exc:
+            # SoftHSM 2.6 cannot PKCS#8-encode an Ed25519 private key for wrapping
+            raise MechanismUnavailable(
+                f"the HSM module cannot wrap this {key.key_type.name} private key under the "
+                "master KEK; ask for protection hsm-resident") from exc
+        finally:
+            key.destroy()
         return GeneratedVersion(bytes(wrapped), public_der, kcv)
 
 
