@@ -432,6 +432,21 @@ class AuditCheckpoint(EventData):
     signing_key_id: str | None = None
 
 
+class AccessDenied(EventData):
+    """An audit API call that was refused (401/403/404 across tenants) is itself recorded."""
+
+    event_type = "klm.audit.access_denied"
+    status: int
+    reason: str
+    method: str
+    path: str = Field(max_length=1000)
+    client: str | None = None
+    token_id: str | None = None
+    owner: str | None = None
+    dropped_before: int | None = Field(default=None, description="denials not recorded "
+                                       "individually because the queue was full")
+
+
 class RequestRejected(EventData):
     """The one answer to a request that KLM will not carry out."""
 
@@ -604,7 +619,8 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         KeyGenerated, KeyActivated, KeyRotated, KeyVersionDeactivated, KeySuspended,
         KeyReactivated, KeyCompromised, KeyDeactivated, DestructionScheduled,
         DestructionCancelled, KeyDestroyed, KeyOrphanDestroyed, KeyBackedUp, KeyRestored,
-        PolicyViolation, UsageDenied, AuditCheckpoint, RequestRejected, DeadLetter,
+        PolicyViolation, UsageDenied, AuditCheckpoint, AccessDenied, RequestRejected,
+        DeadLetter,
         CryptoSign, CryptoVerify, CryptoEncrypt, CryptoDecrypt, CryptoMac, CryptoMacVerify,
         CryptoWrap, CryptoUnwrap, CryptoReply, UsageSummary,
         ImportObservedKey, KeyObserved, PolicyChanged,

@@ -10,15 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
 
 from klm_audit import handlers
 from klm_audit.ports import AuditStore
 from klm_common.envelope import CloudEvent, make_event
+from klm_common.events import AccessDenied
 
 log = logging.getLogger(__name__)
 
-ACCESS_DENIED = "klm.audit.access_denied"
+ACCESS_DENIED = AccessDenied.event_type
 
 
 class DenialRecorder:
@@ -36,12 +36,10 @@ class DenialRecorder:
         if len(self._pending) >= self._max_pending:
             self._dropped += 1
             return
-        data: dict[str, Any] = {"status": status, "reason": reason, "method": method,
-                                "path": path[:1000], "client": client, "token_id": token_id}
-        if tenant is not None:
-            data["owner"] = tenant
-        if self._dropped:
-            data["dropped_before"], self._dropped = self._dropped, 0
+        data = AccessDenied(status=status, reason=reason, method=method, path=path[:1000],
+                            client=client, token_id=token_id, owner=tenant,
+                            dropped_before=self._dropped or None)
+        self._dropped = 0
         self._pending.append(make_event(ACCESS_DENIED, data, source="klm/audit"))
 
     def start(self) -> None:
