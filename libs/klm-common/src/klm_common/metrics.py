@@ -138,9 +138,10 @@ def prometheus_names() -> set[str]:
     names: set[str] = set()
     for spec in CATALOGUE:
         base = prometheus_base_name(spec)
-        names.add(base)
         if spec.kind is Kind.HISTOGRAM:
             names |= {f"{base}_bucket", f"{base}_count", f"{base}_sum"}
+        else:
+            names.add(base)
     return names
 
 
