@@ -16,7 +16,8 @@ Least privilege, one principal per KLM service and one per requesting tenant:
 * ``audit`` READs every topic it stores (never ``klm.crypto.requests``, whose payloads may
   hold plaintext); WRITEs commands (checkpoint signing by keygen);
 * a tenant ``<t>`` WRITEs ``klm.requests.<t>`` ONLY, READs ``klm.lifecycle`` (its answers)
-  and ``klm.crypto.replies.<t>`` (or ``.<t>.*``); no consumer group (it reads by assignment).
+  and its own crypto reply topics ``klm.crypto.replies.<t>-*`` (the SDK creates and deletes
+  them, see klm_common/crypto_channel.py); no consumer group (it reads by assignment).
 
 ``admin`` (and the KRaft ``controller``) are super users: no ACL needed. The topic
 *prefix* (``KLM_TOPIC_PREFIX``, a namespace per test run) is prepended to every topic name,
@@ -89,10 +90,8 @@ def tenant_acls(tenant: str, prefix: str) -> list[str]:
             f"{user} DESCRIBE topic literal {prefix}{REQUESTS}.{tenant}",
             f"{user} READ topic literal {prefix}{LIFECYCLE}",
             f"{user} DESCRIBE topic literal {prefix}{LIFECYCLE}",
-            f"{user} READ topic literal {prefix}{CRYPTO_REPLIES}{tenant}",
-            f"{user} DESCRIBE topic literal {prefix}{CRYPTO_REPLIES}{tenant}",
-            f"{user} READ topic prefixed {prefix}{CRYPTO_REPLIES}{tenant}.",
-            f"{user} DESCRIBE topic prefixed {prefix}{CRYPTO_REPLIES}{tenant}."]
+            *(f"{user} {op} topic prefixed {prefix}{CRYPTO_REPLIES}{tenant}-"
+              for op in ("CREATE", "DELETE", "READ", "DESCRIBE"))]
 
 
 def plan(prefix: str, tenants: list[str]) -> list[str]:

@@ -47,6 +47,7 @@ from klm_common.events import (
     GenerateKey,
     RequestRejected,
 )
+from klm_common.kafka import kafka_security
 from klm_common.settings import KlmSettings
 from klm_common.topics import Topics
 
@@ -73,9 +74,11 @@ class KlmClient:
         self._source = source
         self._timeout = timeout
         self._producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
-                                          enable_idempotence=True, acks="all")
+                                          enable_idempotence=True, acks="all",
+                                          **kafka_security(settings))
         self._consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
-                                          enable_auto_commit=False)
+                                          enable_auto_commit=False,
+                                          **kafka_security(settings))
         self._waiters: dict[str, asyncio.Future[CloudEvent]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._crypto: CryptoChannel | None = None

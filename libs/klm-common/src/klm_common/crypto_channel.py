@@ -25,6 +25,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from klm_common.envelope import CloudEvent, make_event, parse_envelope
 from klm_common.errors import KlmError
 from klm_common.events import REPLY_TOPIC_BASE, CryptoReply, EventData
+from klm_common.kafka import kafka_security
 from klm_common.settings import KlmSettings
 from klm_common.topics import Topics
 
@@ -101,9 +102,11 @@ class CryptoChannel:
         self.reply_topic = (f"{settings.topic_prefix}{REPLY_TOPIC_BASE}"
                             f"{name}-{uuid.uuid4().hex[:12]}")
         self._producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
-                                          enable_idempotence=True, acks="all", linger_ms=1)
+                                          enable_idempotence=True, acks="all", linger_ms=1,
+                                          **kafka_security(settings))
         self._consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
-                                          enable_auto_commit=False, fetch_max_wait_ms=20)
+                                          enable_auto_commit=False, fetch_max_wait_ms=20,
+                                          **kafka_security(settings))
         self._waiters: dict[str, asyncio.Future[CryptoReply]] = {}
         self._listener: asyncio.Task[None] | None = None
 
@@ -128,7 +131,8 @@ class CryptoChannel:
             await self._admin(create=False)
 
     async def _admin(self, *, create: bool) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self._settings.kafka_bootstrap)
+        admin = AIOKafkaAdminClient(bootstrap_servers=self._settings.kafka_bootstrap,
+                                    **kafka_security(self._settings))
         await admin.start()
         try:
             if create:

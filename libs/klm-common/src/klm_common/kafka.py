@@ -23,6 +23,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 from faststream.kafka import KafkaBroker
 from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
 from faststream.middlewares import AckPolicy
+from faststream.security import SASLScram512
 from opentelemetry import metrics, trace
 
 from klm_common import inbound_telemetry
@@ -38,11 +39,41 @@ log = logging.getLogger(__name__)
 #: uuid5 namespace for ids derived from a record's position (DLQ records, replies)
 KLM_NAMESPACE = uuid.UUID("5b0f5c8e-2a4e-4c57-9a59-6f3f0f1b4a11")
 
+#: the KLM services, each its own Kafka principal on the secured stack (infra/kafka/acl_plan.py)
+SERVICE_PRINCIPALS = ("keygen", "rotation", "backup", "audit")
+
+
+def principal_for(client_id: str) -> str:
+    """The Kafka user a client logs in as when ``KLM_KAFKA_USERNAME`` is unset: the service
+    named by a ``klm-<service>[-…]`` client id, else ``admin`` (CLI, SDK, tests)."""
+    parts = client_id.split("-")
+    if len(parts) >= 2 and parts[0] == "klm" and parts[1] in SERVICE_PRINCIPALS:
+        return parts[1]
+    return "admin"
+
+
+def kafka_security(settings: KlmSettings, default_user: str = "admin") -> dict[str, Any]:
+    """The aiokafka keyword arguments of KLM's Kafka security, used by every client factory:
+    nothing when ``kafka_security`` is ``none``; SASL/SCRAM-SHA-512 when it is ``sasl``."""
+    if settings.kafka_security == "none":
+        return {}
+    user, password = settings.kafka_login(default_user)
+    return {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_plain_username": user, "sasl_plain_password": password}
+
+
+def broker_security(settings: KlmSettings, default_user: str = "admin") -> SASLScram512 | None:
+    """The same login for a FastStream broker."""
+    if settings.kafka_security == "none":
+        return None
+    return SASLScram512(*settings.kafka_login(default_user))
+
 
 def make_broker(settings: KlmSettings, client_id: str, **kwargs: Any) -> KafkaBroker:
     """A FastStream broker with KLM's delivery settings and tracing: the telemetry middleware
     continues the trace found in each record's ``traceparent`` header (batches link theirs),
     and events written to an outbox inside a handler carry that context onwards."""
+    kwargs.setdefault("security", broker_security(settings, principal_for(client_id)))
     return KafkaBroker(
         settings.kafka_bootstrap,
         client_id=client_id,
@@ -70,13 +101,15 @@ def make_producer(settings: KlmSettings, client_id: str) -> AIOKafkaProducer:
         linger_ms=2,
         max_batch_size=256 * 1024,
         request_timeout_ms=30000,
+        **kafka_security(settings, principal_for(client_id)),
     )
 
 
 async def ensure_topics(settings: KlmSettings, topics: Topics | None = None) -> None:
     """Create the KLM topics with their partition counts if they do not exist yet."""
     topics = topics or Topics(settings.topic_prefix)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
+                                **kafka_security(settings))
     await admin.start()
     try:
         existing = set(await admin.list_topics())

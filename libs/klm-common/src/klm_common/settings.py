@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -25,6 +26,15 @@ class KlmSettings(BaseSettings):
     #: prefix of every topic name: empty in production, a random namespace in tests
     topic_prefix: str = ""
     kafka_bootstrap: str = "localhost:9092"
+    #: Kafka client security: "none" (PLAINTEXT) or "sasl" (SASL/SCRAM-SHA-512, the
+    #: secured stack of ``KLM_KAFKA_SECURITY=sasl infra/stack.sh up``; docs/security.md)
+    kafka_security: Literal["none", "sasl"] = "none"
+    #: SCRAM user; unset = the service's own principal (keygen, rotation, …), "admin" for
+    #: the CLI, the SDK and tests
+    kafka_username: str | None = None
+    kafka_password: SecretStr | None = None
+    #: default: ``<home>/secrets/kafka-<username>-password`` (written by ``make up``)
+    kafka_password_file: Path | None = None
     #: base DSN without credentials; each service logs in as its own role
     pg_dsn: str = "postgresql://127.0.0.1:5432/klm"
     pg_admin_dsn: str | None = None
@@ -75,6 +85,15 @@ class KlmSettings(BaseSettings):
         password = quote(self.secret("pg-admin-password"), safe="")
         netloc = f"postgres:{password}@{parts.hostname}:{parts.port or 5432}"
         return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+    def kafka_login(self, default_user: str) -> tuple[str, str]:
+        """(SCRAM user, password): ``kafka_username`` or ``default_user``, the password
+        from ``kafka_password``, ``kafka_password_file`` or the development secret file."""
+        user = self.kafka_username or default_user
+        if self.kafka_password is not None:
+            return user, self.kafka_password.get_secret_value()
+        path = self.kafka_password_file or self.secrets_dir / f"kafka-{user}-password"
+        return user, path.read_text().strip()
 
     def hsm_user_pin(self) -> str:
         if self.hsm_pin:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
@@ -11,6 +13,7 @@ from faststream.kafka import KafkaBroker
 from klm_common.db import create_pool
 from klm_common.kafka import DeadLetters, make_broker, make_producer
 from klm_common.outbox import OutboxRelay
+from klm_common.policy import CryptoPolicy, load_policy
 from klm_common.settings import KlmSettings
 from klm_common.topics import Topics
 from klm_keygen.adapters.hsm import Pkcs11Hsm
@@ -40,5 +43,12 @@ async def bootstrap(settings: KlmSettings) -> Keygen:
     relay = OutboxRelay(pool, producer, batch=settings.outbox_batch)
     deps = Deps(hsm=hsm, keystore=PgKeystore(pool, topics.lifecycle),
                 dead_letters=DeadLetters(broker, topics, "keygen"), on_commit=relay.wake,
-                day_seconds=settings.day_seconds)
+                day_seconds=settings.day_seconds, policy=_requester_policy())
     return Keygen(settings, topics, broker, producer, pool, hsm, relay, deps)
+
+
+def _requester_policy() -> CryptoPolicy:
+    """The crypto policy whose ``permissions`` say which tenant may request what: the file
+    rotation enforces (``KLM_POLICY_FILE``), else the shipped default."""
+    path = os.environ.get("KLM_POLICY_FILE")
+    return load_policy(Path(path) if path else None)

@@ -22,10 +22,18 @@ from typing import Any
 
 from aiokafka import ConsumerRecord
 
+from klm_common.authorization import authorize, tenant_of_topic
 from klm_common.envelope import CloudEvent, now
-from klm_common.errors import InfrastructureError, KeyNotFound, KlmError, UnknownRequestType
+from klm_common.errors import (
+    Forbidden,
+    InfrastructureError,
+    KeyNotFound,
+    KlmError,
+    UnknownRequestType,
+)
 from klm_common.events import EventData, GenerateKey, parse_data
 from klm_common.kafka import DeadLetters, Inbound, split_batch
+from klm_common.policy import CryptoPolicy
 from klm_keygen.adapters.hsm import Hsm
 from klm_keygen.adapters.keystore import KeystorePort, KeystoreUnit
 from klm_keygen.domain.generation import (
@@ -54,6 +62,8 @@ class Deps:
     day_seconds: float = 86400.0
     clock: Callable[[], datetime] = now
     counters: dict[str, int] = field(default_factory=dict)
+    #: what tenants may request (klm_common.authorization); None: owner checks only
+    policy: CryptoPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +80,9 @@ class Context:
     hsm: Hsm
     at: datetime
     day_seconds: float
+    #: request id → tenant of the topic it came from (None: the shared topic)
+    tenants: Mapping[str, str | None] = field(default_factory=dict)
+    policy: CryptoPolicy | None = None
 
 
 #: a key handler serves every step of its type in one round: one result per step, in order
@@ -121,10 +134,12 @@ async def _handle(records: Sequence[ConsumerRecord[bytes, bytes]], deps: Deps,
     fresh = [i.event for i in inbound if i.event.id not in done]
     if not fresh:
         return
+    tenants = {i.event.id: tenant_of_topic(i.record.topic) for i in inbound}
     result = BatchResult()
     plans: list[GenerationPlan] = []
     steps: list[tuple[CloudEvent, EventData]] = []
-    handled = [ev for ev in fresh if _route(ev, routes, result, plans, steps)]
+    handled = [ev for ev in fresh
+               if _route(ev, routes, result, plans, steps, tenants.get(ev.id), deps.policy)]
     if not handled:
         return
     await generate_keys(plans, deps.hsm, result)
@@ -133,22 +148,29 @@ async def _handle(records: Sequence[ConsumerRecord[bytes, bytes]], deps: Deps,
         claimed = await unit.claim([ev.id for ev in handled])
         await unit.insert_keys([k for k in result.keys if k.plan.request.id in claimed])
         mine = [(ev, data) for ev, data in steps if ev.id in claimed]
-        await apply_key_steps(unit, mine, routes, Context(deps.hsm, at, deps.day_seconds),
-                              result)
+        ctx = Context(deps.hsm, at, deps.day_seconds, tenants, deps.policy)
+        await apply_key_steps(unit, mine, routes, ctx, result)
         await unit.queue([a for a in result.answers if a.correlationid in claimed])
     deps.on_commit()
     _count(deps, result, claimed)
 
 
 def _route(event: CloudEvent, routes: Routes, result: BatchResult,
-           plans: list[GenerationPlan], steps: list[tuple[CloudEvent, EventData]]) -> bool:
-    """File one event under generation or key steps, or reject it; False = not ours."""
+           plans: list[GenerationPlan], steps: list[tuple[CloudEvent, EventData]],
+           tenant: str | None = None, policy: CryptoPolicy | None = None) -> bool:
+    """File one event under generation or key steps, or reject it; False = not ours.
+
+    A tenant's request (from its own topic) must name the tenant as the new key's owner and
+    be a type its policy grants; requests on existing keys are checked once the key is
+    locked (:func:`apply_key_steps`)."""
     if event.type in routes.served_elsewhere:
         return False
     if not routes.reject_unknown and event.type not in routes.types:
         return False
     try:
         data = parse_data(event)
+        authorize(tenant, event.type, data.owner if isinstance(data, GenerateKey) else None,
+                  policy)
         if routes.generate and isinstance(data, GenerateKey):
             plans.append(plan_generation(event, data))
         elif type(data) in routes.key_handlers:
@@ -194,6 +216,8 @@ async def apply_key_steps(unit: KeystoreUnit, steps: Sequence[tuple[CloudEvent, 
             key = keys.get(data.key_id)  # type: ignore[attr-defined]
             if key is None:
                 result.reject(event, KeyNotFound(f"no key {data.key_id}"))  # type: ignore[attr-defined]
+            elif (refusal := _refusal(ctx, event, key)) is not None:
+                result.reject(event, refusal, key.key_id)
             else:
                 live.append((event, data, key))
         for kind in dict.fromkeys(type(d) for _, d, _ in live):
@@ -208,6 +232,15 @@ async def apply_key_steps(unit: KeystoreUnit, steps: Sequence[tuple[CloudEvent, 
     for key_id, key in keys.items():
         if key is not before[key_id]:
             await unit.store(before[key_id], key, ctx.at)
+
+
+def _refusal(ctx: Context, event: CloudEvent, key: KeyRecord) -> Forbidden | None:
+    """``forbidden`` if the request's tenant does not own the key (authorization.py)."""
+    try:
+        authorize(ctx.tenants.get(event.id), event.type, key.owner, ctx.policy)
+    except Forbidden as exc:
+        return exc
+    return None
 
 
 def _rounds(steps: Sequence[tuple[CloudEvent, EventData]]

@@ -9,6 +9,7 @@ facts, by the pure rules of :mod:`klm_keygen.domain.lifecycle`.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,7 @@ __all__ = ["Deps", "generate_keys", "handle_request_batch", "register"]
 
 log = logging.getLogger(__name__)
 GROUP_ID = "klm-keygen"
+TENANT_GROUP_ID = "klm-keygen-tenants"
 
 
 async def rotate_key(steps: Sequence[KeyStep], ctx: Context) -> list[Outcome | KlmError]:
@@ -113,9 +115,18 @@ async def handle_request_batch(records: Sequence[ConsumerRecord[bytes, bytes]],
 
 
 def register(keygen: Keygen) -> None:
-    """Subscribe the ``klm.requests`` batch handler."""
+    """Subscribe the ``klm.requests`` batch handler, and the same handler on every tenant's
+    ``klm.requests.<tenant>`` (by pattern; the tenant follows from the topic, see
+    :mod:`klm_common.authorization`)."""
     options = subscriber_options(keygen.settings, GROUP_ID)
 
     @keygen.broker.subscriber(keygen.topics.requests, **options)
     async def on_requests(records: list[Any]) -> None:
+        await handle_request_batch(records, keygen.deps)
+
+    tenant_topics = f"^{re.escape(keygen.topics.requests)}\\.[a-z0-9][a-z0-9_-]*$"
+    tenant_options = subscriber_options(keygen.settings, TENANT_GROUP_ID)
+
+    @keygen.broker.subscriber(pattern=tenant_topics, **tenant_options)
+    async def on_tenant_requests(records: list[Any]) -> None:
         await handle_request_batch(records, keygen.deps)
