@@ -26,7 +26,7 @@ import pytest
 import pytest_asyncio
 
 from klm_common.db import provision
-from klm_common.kafka import ensure_topics
+from klm_common.kafka import ensure_topics, kafka_security
 from klm_common.settings import KlmSettings
 from klm_common.topics import Topics
 from tests.integration.harness import (
@@ -205,7 +205,7 @@ def start_service(klm_env: dict[str, str], tmp_path_factory: pytest.TempPathFact
 @pytest_asyncio.fixture(loop_scope="session", scope="session")
 async def lifecycle(settings: KlmSettings, topics: Topics) -> AsyncIterator[EventLog]:
     """Every event on this session's ``klm.lifecycle`` topic, from the beginning."""
-    log = EventLog(settings.kafka_bootstrap, topics.lifecycle)
+    log = EventLog(settings.kafka_bootstrap, topics.lifecycle, kafka_security(settings))
     await log.start()
     yield log
     await log.stop()
@@ -213,7 +213,7 @@ async def lifecycle(settings: KlmSettings, topics: Topics) -> AsyncIterator[Even
 
 @pytest_asyncio.fixture(loop_scope="session", scope="session")
 async def dlq(settings: KlmSettings, topics: Topics) -> AsyncIterator[EventLog]:
-    log = EventLog(settings.kafka_bootstrap, topics.dlq)
+    log = EventLog(settings.kafka_bootstrap, topics.dlq, kafka_security(settings))
     await log.start()
     yield log
     await log.stop()

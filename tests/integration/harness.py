@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -72,6 +73,8 @@ class ServiceProcess:
         self.repo = repo
         self.port = free_port()
         self.env = {**os.environ, **env, SERVICE_PORT_ENV[name]: str(self.port)}
+        if self.env.get("KLM_KAFKA_SECURITY") == "sasl":  # each service its own principal
+            self.env.setdefault("KLM_KAFKA_USERNAME", name)
         self.log_path = logs / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -125,13 +128,15 @@ class ServiceProcess:
 class EventLog:
     """Reads a topic from the beginning into memory; tests wait for events in it."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, security: dict[str, Any] | None = None
+                 ) -> None:
+        """``security``: the Kafka login (``klm_common.kafka.kafka_security``), if any."""
         self.topic = topic
         self.events: list[CloudEvent] = []
         self.garbage = 0
         self._changed = asyncio.Condition()
         self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                          auto_offset_reset="earliest")
+                                          auto_offset_reset="earliest", **(security or {}))
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -183,10 +188,11 @@ class EventLog:
         return self.matching(lambda e: e.correlationid == request_id)
 
 
-async def publish(bootstrap: str, topic: str, values: list[tuple[bytes | None, bytes]]) -> None:
+async def publish(bootstrap: str, topic: str, values: list[tuple[bytes | None, bytes]],
+                  security: dict[str, Any] | None = None) -> None:
     """Publish raw ``(key, value)`` records and wait until Kafka has them all."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True,
-                                acks="all", linger_ms=5)
+                                acks="all", linger_ms=5, **(security or {}))
     await producer.start()
     try:
         futures = [await producer.send(topic, value, key=key) for key, value in values]

@@ -23,6 +23,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from klm_common.authorization import tenant_request_topic
 from klm_common.crypto_channel import (
     Ciphertext,
     CryptoChannel,
@@ -68,10 +69,14 @@ class AnswerTimeout(KlmError):
 
 class KlmClient:
     def __init__(self, settings: KlmSettings, source: str = "klm/client",
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, tenant: str | None = None) -> None:
+        """``tenant``: send requests to ``klm.requests.<tenant>`` — the only request topic a
+        tenant's Kafka login may write on the secured stack (docs/security.md)."""
         self._settings = settings
         self._topics = Topics(settings.topic_prefix)
         self._source = source
+        self._request_topic = (tenant_request_topic(self._topics, tenant) if tenant
+                               else self._topics.requests)
         self._timeout = timeout
         self._producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
                                           enable_idempotence=True, acks="all",
@@ -140,7 +145,7 @@ class KlmClient:
     async def send_and_wait(self, event: CloudEvent) -> CloudEvent:
         waiter: asyncio.Future[CloudEvent] = asyncio.get_running_loop().create_future()
         self._waiters[event.id] = waiter
-        await self._producer.send_and_wait(self._topics.requests, event.to_bytes(),
+        await self._producer.send_and_wait(self._request_topic, event.to_bytes(),
                                            key=event.partition_key)
         try:
             return await asyncio.wait_for(waiter, self._timeout)
