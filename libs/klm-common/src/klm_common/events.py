@@ -130,6 +130,16 @@ class DeactivateVersion(EventData):
     version: int = Field(ge=1)
 
 
+class SignCheckpoint(EventData):
+    """Sent by audit every N events or T seconds: keygen signs the chain head with its
+    HSM-resident checkpoint key and answers ``klm.audit.checkpoint`` (docs/audit.md)."""
+
+    event_type = "klm.command.sign_checkpoint"
+    sequence: int = Field(ge=1, lt=2**63, description="audit_log sequence of the head")
+    head_hash: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 chain hash")
+    time: datetime = Field(description="when audit read this head (signed with it)")
+
+
 # ========== usage operations (topic klm.crypto.requests → the requester's reply topic) ==========
 #: base64 (RFC 4648 §4, padded) of binary fields; decoded and checked by keygen
 B64_PATTERN = r"^[A-Za-z0-9+/]*={0,2}$"
@@ -425,11 +435,20 @@ class UsageSummary(EventData):
 
 
 class AuditCheckpoint(EventData):
+    """A chain head signed by keygen's HSM checkpoint key. The signed message is
+    ``b"KLM-AUDIT-CHECKPOINT-1" || uint64_be(sequence) || head_hash (32 bytes) ||
+    int64_be(time in µs since the Unix epoch)`` (docs/audit.md)."""
+
     event_type = "klm.audit.checkpoint"
     sequence: int
     head_hash: str
     signature: str | None = None
     signing_key_id: str | None = None
+    time: datetime | None = Field(default=None, description="the signed time")
+    algorithm: str | None = Field(default=None, description="e.g. ECDSA-P256-SHA256 "
+                                  "(signature: base64 DER)")
+    public_key: str | None = Field(default=None, description="base64 DER SubjectPublicKeyInfo "
+                                   "of the signing key; signing_key_id is its SHA-256 (hex)")
 
 
 class AccessDenied(EventData):
@@ -616,6 +635,7 @@ EVENT_TYPES: dict[str, type[EventData]] = {
     for cls in (
         GenerateKey, RotateKey, SuspendKey, ReactivateKey, RevokeKey, ScheduleDestruction,
         CancelDestruction, BackupKey, RestoreKey, DestroyKey, DeactivateVersion,
+        SignCheckpoint,
         KeyGenerated, KeyActivated, KeyRotated, KeyVersionDeactivated, KeySuspended,
         KeyReactivated, KeyCompromised, KeyDeactivated, DestructionScheduled,
         DestructionCancelled, KeyDestroyed, KeyOrphanDestroyed, KeyBackedUp, KeyRestored,
