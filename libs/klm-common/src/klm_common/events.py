@@ -7,7 +7,7 @@ metadata only — never private or secret key material.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -449,6 +449,19 @@ class AuditCheckpoint(EventData):
                                   "(signature: base64 DER)")
     public_key: str | None = Field(default=None, description="base64 DER SubjectPublicKeyInfo "
                                    "of the signing key; signing_key_id is its SHA-256 (hex)")
+
+
+#: domain separation of the checkpoint signature (see :func:`checkpoint_message`)
+CHECKPOINT_CONTEXT = b"KLM-AUDIT-CHECKPOINT-1"
+
+
+def checkpoint_message(sequence: int, head_hash: str, time: datetime) -> bytes:
+    """The exact bytes keygen signs for a checkpoint and every verifier rebuilds:
+    ``CHECKPOINT_CONTEXT || uint64_be(sequence) || head_hash (32 raw bytes) ||
+    int64_be(µs since 1970-01-01T00:00:00Z)``."""
+    micros = (time - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    return (CHECKPOINT_CONTEXT + sequence.to_bytes(8, "big") + bytes.fromhex(head_hash)
+            + micros.to_bytes(8, "big", signed=True))
 
 
 class AccessDenied(EventData):

@@ -16,12 +16,12 @@ from klm_common.service import Health, serve, service_app
 from klm_common.settings import KlmSettings
 from klm_common.telemetry import setup_telemetry
 from klm_keygen.bootstrap import Keygen, bootstrap
-from klm_keygen.handlers import backup, commands, requests, usage
+from klm_keygen.handlers import backup, checkpoint, commands, requests, usage
 from klm_keygen.handlers.orphans import destroy_orphans
 
 log = logging.getLogger(__name__)
 #: handler areas; each module's register(keygen) subscribes its handlers
-AREAS = [requests, commands, backup, usage]
+AREAS = [requests, commands, backup, usage, checkpoint]
 
 
 async def _open_hsm_until_ready(keygen: Keygen) -> None:
