@@ -16,6 +16,7 @@ from klm_common.outbox import OutboxRelay
 from klm_common.policy import CryptoPolicy, load_policy
 from klm_common.settings import KlmSettings
 from klm_common.topics import Topics
+from klm_keygen.adapters.certificate_requests import CertificateRequests
 from klm_keygen.adapters.hsm import Pkcs11Hsm
 from klm_keygen.adapters.keystore import PgKeystore
 from klm_keygen.handlers.requests import Deps
@@ -43,7 +44,8 @@ async def bootstrap(settings: KlmSettings) -> Keygen:
     relay = OutboxRelay(pool, producer, batch=settings.outbox_batch)
     deps = Deps(hsm=hsm, keystore=PgKeystore(pool, topics.lifecycle),
                 dead_letters=DeadLetters(broker, topics, "keygen"), on_commit=relay.wake,
-                day_seconds=settings.day_seconds, policy=_requester_policy())
+                day_seconds=settings.day_seconds, policy=_requester_policy(),
+                csrs=CertificateRequests(hsm, pool))
     return Keygen(settings, topics, broker, producer, pool, hsm, relay, deps)
 
 

@@ -15,6 +15,7 @@ from klm_common.kafka import KLM_NAMESPACE
 from klm_common.states import KeyState
 from klm_keygen.adapters.hsm import object_id
 from klm_keygen.domain.material import GeneratedVersion
+from klm_keygen.domain.profiles import profile_key
 
 SOURCE = "klm/keygen"
 
@@ -54,6 +55,9 @@ class NewKey:
 
 def plan_generation(request: CloudEvent, data: GenerateKey) -> GenerationPlan:
     """Validate the algorithm, size and usages; raises a coded error before any HSM call."""
+    if data.profile is not None:  # a certificate profile decides spec and protection
+        spec, protection = profile_key(data)
+        return GenerationPlan(request, data, spec, protection, key_id_for(request.id))
     spec = key_spec(data.algorithm, data.size, data.curve, data.usages)
     return GenerationPlan(request, data, spec, Protection(data.protection),
                           key_id_for(request.id))

@@ -34,6 +34,7 @@ from klm_common.errors import (
 from klm_common.events import EventData, GenerateKey, parse_data
 from klm_common.kafka import DeadLetters, Inbound, split_batch
 from klm_common.policy import CryptoPolicy
+from klm_keygen.adapters.certificate_requests import CertificateRequests
 from klm_keygen.adapters.hsm import Hsm
 from klm_keygen.adapters.keystore import KeystorePort, KeystoreUnit
 from klm_keygen.domain.generation import (
@@ -64,6 +65,8 @@ class Deps:
     counters: dict[str, int] = field(default_factory=dict)
     #: what tenants may request (klm_common.authorization); None: owner checks only
     policy: CryptoPolicy | None = None
+    #: CSRs of certificate-profile keys (generation and rotation); None: no CSRs
+    csrs: CertificateRequests | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +86,7 @@ class Context:
     #: request id → tenant of the topic it came from (None: the shared topic)
     tenants: Mapping[str, str | None] = field(default_factory=dict)
     policy: CryptoPolicy | None = None
+    csrs: CertificateRequests | None = None
 
 
 #: a key handler serves every step of its type in one round: one result per step, in order
@@ -143,12 +147,14 @@ async def _handle(records: Sequence[ConsumerRecord[bytes, bytes]], deps: Deps,
     if not handled:
         return
     await generate_keys(plans, deps.hsm, result)
+    if deps.csrs is not None:
+        await deps.csrs.attach_to_generated(result.keys, result.answers)
     at = deps.clock()
     async with deps.keystore.unit() as unit:
         claimed = await unit.claim([ev.id for ev in handled])
         await unit.insert_keys([k for k in result.keys if k.plan.request.id in claimed])
         mine = [(ev, data) for ev, data in steps if ev.id in claimed]
-        ctx = Context(deps.hsm, at, deps.day_seconds, tenants, deps.policy)
+        ctx = Context(deps.hsm, at, deps.day_seconds, tenants, deps.policy, deps.csrs)
         await apply_key_steps(unit, mine, routes, ctx, result)
         await unit.queue([a for a in result.answers if a.correlationid in claimed])
     deps.on_commit()

@@ -71,6 +71,8 @@ async def rotate_key(steps: Sequence[KeyStep], ctx: Context) -> list[Outcome | K
         else:
             assert isinstance(material, KlmError)
             results.append(material)
+    if ctx.csrs is not None:  # a profile key's new version gets a new CSR
+        return await ctx.csrs.attach_to_rotated(steps, results)
     return results
 
 
