@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 import pytest_asyncio
 from cryptography.hazmat.primitives import hashes, serialization
@@ -321,6 +322,15 @@ async def test_drills_also_run_on_a_schedule(events: EventLog) -> None:
     assert scheduled.data["passed"] + scheduled.data["failed"] == 5
 
 
+async def test_backup_and_drill_metrics_are_exposed(
+        services: dict[str, ServiceProcess]) -> None:
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{services['backup'].url}/metrics", timeout=5)).text
+    for name in ("klm_backup_versions_backed_up", "klm_backup_versions_skipped",
+                 "klm_backup_drills", "klm_backup_drill_failed_blobs"):
+        assert name in text, name
+
+
 # ---- destruction ----------------------------------------------------------------------------
 async def test_destroyed_key_is_shredded_and_not_restorable(
         klm: KlmClient, events: EventLog, settings: KlmSettings, topics: Topics) -> None:
@@ -347,6 +357,41 @@ async def test_destroyed_key_is_shredded_and_not_restorable(
     await send(settings, topics.requests, req)
     answer = await only_answer(events, req)
     assert (answer.type, answer.data["code"]) == ("klm.request.rejected", "key_destroyed")
+
+
+# ---- crashes --------------------------------------------------------------------------------
+async def test_backups_survive_crashes_and_are_reported_once(
+        events: EventLog, settings: KlmSettings, topics: Topics,
+        services: dict[str, ServiceProcess]) -> None:
+    """SIGKILL the backup service, then keygen, while versions are being backed up: every
+    version ends up stored once and announced by one (deduplicated) event, never before its
+    row exists."""
+    reqs = [make_event("klm.request.generate_key",
+                       {"owner": OWNER, "name": f"crash-{i}", "algorithm": "AES-256"},
+                       source="tests/backup") for i in range(300)]
+    await send(settings, topics.requests, *reqs)
+    await asyncio.sleep(0.5)
+    services["backup"].kill()
+    await asyncio.sleep(1.0)
+    services["keygen"].kill()
+    services["backup"].start()
+    services["keygen"].start()
+    ids = {r.id for r in reqs}
+    generated = await events.wait_for(lambda e: e.type == "klm.key.generated"
+                                      and e.correlationid in ids, count=len(reqs), timeout=120)
+    keys = {e.subject for e in generated}
+    await events.wait_for(lambda e: e.type == "klm.key.backed_up" and e.subject in keys,
+                          count=len(keys), timeout=120)
+    facts: dict[str, set[str]] = {}
+    for e in events.matching(lambda e: e.type == "klm.key.backed_up" and e.subject in keys):
+        facts.setdefault(str(e.subject), set()).add(e.id)
+    assert all(len(v) == 1 for v in facts.values()), "a version was announced twice"
+    rows = await admin(settings, "SELECT key_id, backup_id FROM backup.backups "
+                       "WHERE key_id = ANY($1)", list(keys))
+    assert {r["key_id"] for r in rows} == keys and len(rows) == len(keys)
+    announced = {e.data["backup_id"] for e in events.matching(
+        lambda e: e.type == "klm.key.backed_up" and e.subject in keys)}
+    assert announced == {r["backup_id"] for r in rows}
 
 
 # ---- disaster recovery ----------------------------------------------------------------------
