@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -41,8 +42,11 @@ async def admin_fetch(settings: KlmSettings, sql: str, *args: Any) -> list[async
 
 
 @pytest.fixture(scope="module")
-def keygen(start_service: Any) -> ServiceProcess:
-    return start_service("keygen")  # type: ignore[no-any-return]
+def keygen(start_service: Any) -> Iterator[ServiceProcess]:
+    # one keygen per module: two in one consumer group would split the partitions
+    proc: ServiceProcess = start_service("keygen")
+    yield proc
+    proc.terminate()
 
 
 async def test_generate_aes_and_ec_keys(keygen: ServiceProcess, settings: KlmSettings,
