@@ -139,6 +139,9 @@ def klm_env(endpoints: dict[str, str], namespace: str, hsm_token: dict[str, str]
         "SOFTHSM2_CONF": endpoints["SOFTHSM2_CONF"],
         **hsm_token,
     }
+    if os.environ.get("KLM_KAFKA_SECURITY") == "sasl":  # secured stack: ACLs for our prefix
+        subprocess.run([str(REPO / "infra" / "stack.sh"), "kafka-acls", env["KLM_TOPIC_PREFIX"]],
+                       capture_output=True, check=True, timeout=300)
     asyncio.run(_create_namespace(admin_dsn, namespace, env))
     yield env
     asyncio.run(_drop_database(admin_dsn, namespace))
