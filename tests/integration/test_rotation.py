@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import pytest_asyncio
 import yaml
@@ -61,7 +62,7 @@ def schedulers(start_service: Any, keygen: ServiceProcess, policy_file: Path
                ) -> Iterator[list[ServiceProcess]]:
     """Two rotation instances on the same database: they share the work."""
     env = {"KLM_DAY_SECONDS": str(DAY_SECONDS), "KLM_POLICY_FILE": str(policy_file),
-           "KLM_POLICY_POLL_SECONDS": "0.5"}
+           "KLM_POLICY_POLL_SECONDS": "0.5", "KLM_FINDINGS_GAUGE_SECONDS": "0.5"}
     procs: list[ServiceProcess] = [start_service("rotation", **env),
                                    start_service("rotation", **env)]
     yield procs
@@ -264,6 +265,13 @@ async def test_weak_observed_keys_produce_findings_with_the_right_codes(
     await lifecycle.wait_for(
         lambda e: e.subject == answers[rsa.id].subject
         and e.data.get("code") == "cryptoperiod_exceeded", timeout=15)
+    # and the findings are a metric
+    await asyncio.sleep(1.5)
+    async with httpx.AsyncClient() as http:
+        metrics = (await http.get(f"{schedulers[0].url}/metrics")).text
+    gauge = [line for line in metrics.splitlines() if line.startswith("klm_policy_violations{")
+             and 'code="key_size_below_minimum"' in line]
+    assert gauge and float(gauge[0].rsplit(" ", 1)[1]) >= 1, metrics[-2000:]
 
 
 async def test_a_policy_change_is_picked_up_and_recorded(

@@ -21,6 +21,8 @@ class RotationSettings(KlmSettings):
     #: policy day, at most 5 minutes)
     scan_page_size: int = 1000
     scan_pass_seconds: float | None = None
+    #: how often the open-findings gauge is re-read from the findings table
+    findings_gauge_seconds: float = 10.0
 
     @property
     def schedule_poll(self) -> float:

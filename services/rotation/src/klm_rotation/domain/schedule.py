@@ -173,8 +173,14 @@ def _decide_rotation(row: DueRow, key: InventoryKey, policy: CryptoPolicy, ident
 def _still_planned(row: DueRow, key: InventoryKey, policy: CryptoPolicy,
                    day_seconds: float) -> bool:
     """A row written from an older view of the key (e.g. before a rotation) is stale."""
-    return any(d.kind == row.kind and d.version == row.version
-               for d in plan(key, policy, day_seconds))
+    if key.rejections.get(f"{row.kind}:{row.version}", 0) >= MAX_REFUSALS:
+        return False
+    if row.kind == "rotate":
+        due = _rotation(key, policy, day_seconds)
+        return due is not None and due.version == row.version
+    if row.kind == "deactivate":
+        return any(d.version == row.version for d in _deactivations(key, policy, day_seconds))
+    return key.destroy_after is not None and key.state not in TERMINAL_STATES
 
 
 def _command(data: RotateKey | DeactivateVersion | DestroyKey, key: InventoryKey,
