@@ -109,6 +109,8 @@ def parse_envelope(raw: bytes | None) -> CloudEvent:
     except json.JSONDecodeError as exc:
         raise EnvelopeInvalid(f"not JSON: {exc.msg} at line {exc.lineno} col {exc.colno}") \
             from None
+    except RecursionError:  # e.g. 1,000 nested "[": a poison pill otherwise (fuzzing found it)
+        raise EnvelopeInvalid("not JSON: nesting too deep") from None
     if not isinstance(obj, dict):
         raise EnvelopeInvalid(f"not a CloudEvent: JSON {type(obj).__name__}, expected object")
     try:
