@@ -86,6 +86,12 @@ class FakeTx:
             row.due_at, row.attempts = due_at, row.attempts + 1
             row.request_id = request_id or row.request_id
 
+    async def retry(self, rows: Sequence[RowId], due_at: datetime) -> None:
+        for rid in rows:
+            if rid in self.s.schedule:
+                self.s.schedule[rid].due_at = due_at
+                self.s.schedule[rid].request_id = None
+
     async def delete_rows(self, rows: Sequence[RowId]) -> None:
         await self.write_schedule([], rows)
 

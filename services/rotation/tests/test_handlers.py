@@ -226,3 +226,28 @@ async def test_work_refused_again_and_again_stops_with_a_finding(deps: Deps,
     assert len(ids) == 3
     assert inv(deps).state.schedule == {}
     assert "command_refused" in inv(deps).state.findings[key]
+
+
+async def test_a_repeated_answer_to_one_refused_request_counts_once(deps: Deps,
+                                                                    clock: Clock) -> None:
+    key = key_id()
+    await feed(deps, generated(key))
+    clock.now = later(730)
+    await dispatch_due(deps)
+    [sent] = inv(deps).sent(TOPICS.requests)
+    for _ in range(2):  # keygen answering a replayed request again: a new event, same cause
+        await feed(deps, make_event("klm.request.rejected", {
+            "code": "illegal_transition", "message": "no", "request_type": sent.type,
+            "key_id": key}, source="klm/keygen", subject=key, cause=sent))
+    assert inv(deps).state.keys[key].rejections == {"rotate:1": 1}
+
+
+async def test_own_findings_on_the_topic_do_not_touch_the_inventory(deps: Deps) -> None:
+    rsa = observed_request()
+    await import_observed_key([record(rsa)], deps)
+    [answer] = inv(deps).sent(TOPICS.lifecycle)
+    await feed(deps, answer)
+    findings = [e for e in inv(deps).sent(TOPICS.lifecycle) if e.type.endswith("violation")]
+    before = len(inv(deps).state.outbox)
+    await feed(deps, *findings)
+    assert len(inv(deps).state.outbox) == before

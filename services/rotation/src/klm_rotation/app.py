@@ -22,6 +22,8 @@ from klm_rotation.settings import RotationSettings
 
 log = logging.getLogger(__name__)
 GROUP_ID = "klm-rotation"
+#: its own group: a group whose members subscribe to different topics rebalances both
+INVENTORY_GROUP_ID = "klm-rotation-inventory"
 
 
 def register(rotation: Rotation) -> None:
@@ -33,7 +35,8 @@ def register(rotation: Rotation) -> None:
     async def on_lifecycle(records: list[Any]) -> None:
         await handle_facts(records, deps)
 
-    @rotation.broker.subscriber(rotation.topics.inventory_requests, **options)
+    @rotation.broker.subscriber(rotation.topics.inventory_requests,
+                                **subscriber_options(rotation.settings, INVENTORY_GROUP_ID))
     async def on_inventory_requests(records: list[Any]) -> None:
         await import_observed_key(records, deps)
 

@@ -105,9 +105,17 @@ async def _publish_findings(tx: Tx, deps: Deps, changes: compliance.Changes) -> 
 
 
 # ------------------------------------------------------------------ klm.lifecycle
+#: facts on klm.lifecycle that say nothing about a key's inventory entry (including the
+#: findings rotation publishes itself)
+NOT_INVENTORY = frozenset({"klm.key.policy_violation", "klm.key.usage_denied",
+                           "klm.key.orphan_destroyed"})
+
+
 def _parse_fact(event: CloudEvent) -> EventData | None:
     """Facts rotation applies; anything else on the topic is someone else's business."""
     if not (event.type.startswith("klm.key.") or event.type == RequestRejected.event_type):
+        return None
+    if event.type in NOT_INVENTORY:
         return None
     try:
         return parse_data(event)
@@ -149,8 +157,9 @@ async def project(tx: Tx, facts: Sequence[tuple[CloudEvent, EventData]], deps: D
             retries.append(row)
             deps.metrics.rejected(row[1], data.code)
             continue
-        key = apply(keys.get(event.subject or ""), event, data)
-        if key is None:
+        before = keys.get(event.subject or "")
+        key = apply(before, event, data)
+        if key is None or key == before:
             continue
         keys[key.key_id] = touched[key.key_id] = key
         if isinstance(data, DestructionScheduled):
@@ -160,7 +169,7 @@ async def project(tx: Tx, facts: Sequence[tuple[CloudEvent, EventData]], deps: D
     await tx.save_keys(changed)
     await reconcile(tx, changed, policy, day)
     retry_at = deps.clock() + schedule.days(policy.defaults.redispatch_days, day)
-    await tx.rearm([(r, None) for r in retries], retry_at)
+    await tx.retry(retries, retry_at)
     changes = compliance.Changes(events=records)
     await assess(tx, changed, deps, changes)
     await _publish_findings(tx, deps, changes)

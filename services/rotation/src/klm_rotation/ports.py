@@ -42,6 +42,10 @@ class Tx(Protocol):
     async def rearm(self, rows: Sequence[tuple[RowId, str | None]], due_at: datetime) -> None:
         """Next attempt of ``rows`` at ``due_at``, with the request id just sent (or None)."""
 
+    async def retry(self, rows: Sequence[RowId], due_at: datetime) -> None:
+        """A refused command: try again at ``due_at``, forgetting the refused request id (a
+        repeated answer to it is then ignored)."""
+
     async def delete_rows(self, rows: Sequence[RowId]) -> None: ...
 
     async def findings_of(self, key_ids: Sequence[str]) -> dict[str, dict[str, Finding]]: ...

@@ -151,6 +151,13 @@ class PgTx:
             "WHERE s.key_id = x.k AND s.kind = x.c AND s.version = x.v",
             *_row_arrays(ids), [req for _, req in rows], due_at)
 
+    async def retry(self, rows: Sequence[RowId], due_at: datetime) -> None:
+        if rows:
+            await self.conn.execute(
+                f"UPDATE schedule s SET due_at = $4, request_id = NULL FROM {_ROWS} "  # noqa: S608
+                "WHERE s.key_id = r.key_id AND s.kind = r.kind AND s.version = r.version",
+                *_row_arrays(rows), due_at)
+
     async def delete_rows(self, rows: Sequence[RowId]) -> None:
         await self.write_schedule([], rows)
 
