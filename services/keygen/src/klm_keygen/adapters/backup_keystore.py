@@ -82,9 +82,7 @@ class PgBackupKeystore:
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 claimed = await inbox.claim(conn, command_ids)
-                for restore in restores:
-                    if restore.command_id in claimed:
-                        await _write_restore(conn, restore)
+                await _write_restores(conn, [r for r in restores if r.command_id in claimed])
                 for topic in {o.topic for o in outgoing}:
                     await add_to_outbox(conn, topic, [o.event for o in outgoing
                                                       if o.topic == topic
@@ -109,20 +107,21 @@ def _row(r: asyncpg.Record) -> VersionRow:
     return VersionRow(material, bytes(r["wrapped"]) if r["wrapped"] else None)
 
 
-async def _write_restore(conn: asyncpg.Connection, restore: KeyRestore) -> None:
-    """Insert the key if the keystore lost it; (re)write each version's material — unless
-    keygen destroyed that version meanwhile (a destroyed version is never brought back)."""
-    first = restore.versions[0].material
-    await conn.execute(
+async def _write_restores(conn: asyncpg.Connection, restores: Sequence[KeyRestore]) -> None:
+    """Insert the keys the keystore lost; (re)write each version's material — unless keygen
+    destroyed that version meanwhile (a destroyed version is never brought back)."""
+    if not restores:
+        return
+    await conn.executemany(
         """INSERT INTO keys (key_id, owner, name, algorithm, size, curve, usages, protection,
                              policy, profile, labels, state, primary_version, request_id,
                              created_at, updated_at)
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12, $13, $14, $15, now())
            ON CONFLICT (key_id) DO NOTHING""",
-        first.key_id, first.owner, first.name, first.algorithm, first.size, first.curve,
-        first.usages, first.protection, first.policy, first.profile, json.dumps(first.labels),
-        restore.key_state, restore.primary_version, f"restored:{first.key_id}",
-        first.key_created_at)
+        [(m.key_id, m.owner, m.name, m.algorithm, m.size, m.curve, m.usages, m.protection,
+          m.policy, m.profile, json.dumps(m.labels), r.key_state, r.primary_version,
+          f"restored:{m.key_id}", m.key_created_at)
+         for r in restores for m in [r.versions[0].material]])
     await conn.executemany(
         """INSERT INTO key_versions (key_id, version, state, wrapped, kek_label, public_der,
                                      kcv, hsm_object_id, created_at, activated_at)
@@ -130,11 +129,13 @@ async def _write_restore(conn: asyncpg.Connection, restore: KeyRestore) -> None:
            ON CONFLICT (key_id, version) DO UPDATE
               SET wrapped = EXCLUDED.wrapped, kek_label = EXCLUDED.kek_label
             WHERE key_versions.destroyed_at IS NULL""",
-        [(v.material.key_id, v.material.version, v.material.version_state, v.wrapped,
-          MASTER_KEK_LABEL if v.wrapped else None,
-          base64.b64decode(v.material.public_der_b64) if v.material.public_der_b64 else None,
-          v.material.kcv,
-          bytes.fromhex(v.material.hsm_object_id_hex) if v.material.hsm_object_id_hex else None,
-          v.material.version_created_at,
-          v.material.version_created_at if v.material.version_state == "active" else None)
-         for v in restore.versions])
+        [_version_row(v) for r in restores for v in r.versions])
+
+
+def _version_row(v: RestoredVersion) -> tuple[object, ...]:
+    m = v.material
+    return (m.key_id, m.version, m.version_state, v.wrapped,
+            MASTER_KEK_LABEL if v.wrapped else None,
+            base64.b64decode(m.public_der_b64) if m.public_der_b64 else None, m.kcv,
+            bytes.fromhex(m.hsm_object_id_hex) if m.hsm_object_id_hex else None,
+            m.version_created_at, m.version_created_at if m.version_state == "active" else None)

@@ -50,6 +50,7 @@ from klm_keygen.adapters.backup_keystore import (
     PgBackupKeystore,
 )
 from klm_keygen.adapters.hsm_backup import (
+    RestoredVersion,
     backup_kek_kcv,
     check_blobs,
     restore_versions,
@@ -116,6 +117,7 @@ async def _handle(records: Sequence[ConsumerRecord[bytes, bytes]], deps: BackupD
         return
     work = Work()
     wraps: list[tuple[CloudEvent, WrapForBackup]] = []
+    restores: list[tuple[CloudEvent, RestoreVersions]] = []
     letters = []
     for item in fresh:
         try:
@@ -126,13 +128,14 @@ async def _handle(records: Sequence[ConsumerRecord[bytes, bytes]], deps: BackupD
         if isinstance(data, WrapForBackup):
             wraps.append((item.event, data))
         elif isinstance(data, RestoreVersions):
-            await restore(item.event, data, deps, work)
+            restores.append((item.event, data))
         elif isinstance(data, CheckBackups):
             await check(item.event, data, deps, work)
         else:
             letters.append(deps.dead_letters.letter(
                 item.record, f"keygen does not serve {item.event.type!r} on this topic"))
     await wrap(wraps, deps, work)
+    await restore(restores, deps, work)
     await deps.dead_letters.publish(letters)
     await deps.keystore.commit([i.event.id for i in fresh], work.restores, work.outgoing)
     deps.on_commit()
@@ -187,22 +190,37 @@ def _b64(raw: bytes) -> str:
 
 
 # ---- klm.backup.restore_versions ------------------------------------------------------------
-async def restore(command: CloudEvent, data: RestoreVersions, deps: BackupDeps,
+async def restore(commands: Sequence[tuple[CloudEvent, RestoreVersions]], deps: BackupDeps,
                   work: Work) -> None:
-    """All versions of one key or none; the one answer to the restore goes to lifecycle."""
-    try:
-        _same_key(data)
-        restored = await deps.hsm.run(restore_versions, data.materials)
-    except InfrastructureError:
-        raise
-    except KlmError as exc:
-        work.outgoing.append(Outgoing(command.id, deps.topics.lifecycle,
-                                      _rejected(command, data.key_id, exc)))
+    """One HSM round trip for the batch; per key all versions or none; the one answer to
+    each restore goes to lifecycle."""
+    if not commands:
         return
-    work.restores.append(KeyRestore(command.id, data.key_state, data.primary_version,
-                                    restored))
-    work.outgoing.append(Outgoing(command.id, deps.topics.lifecycle,
-                                  _restored_fact(command, data)))
+    outcomes = await deps.hsm.run(restore_keys, [data for _, data in commands])
+    for (command, data), outcome in zip(commands, outcomes, strict=True):
+        if isinstance(outcome, KlmError):
+            work.outgoing.append(Outgoing(command.id, deps.topics.lifecycle,
+                                          _rejected(command, data.key_id, outcome)))
+            continue
+        work.restores.append(KeyRestore(command.id, data.key_state, data.primary_version,
+                                        outcome))
+        work.outgoing.append(Outgoing(command.id, deps.topics.lifecycle,
+                                      _restored_fact(command, data)))
+
+
+def restore_keys(session: Any, master_kek: Any, commands: Sequence[RestoreVersions]
+                 ) -> list[list[RestoredVersion] | KlmError]:
+    """On the HSM thread: each command's versions, or the coded error that stopped it."""
+    out: list[list[RestoredVersion] | KlmError] = []
+    for data in commands:
+        try:
+            _same_key(data)
+            out.append(restore_versions(session, master_kek, data.materials))
+        except InfrastructureError:
+            raise
+        except KlmError as exc:
+            out.append(exc)
+    return out
 
 
 def _same_key(data: RestoreVersions) -> None:
