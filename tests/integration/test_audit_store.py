@@ -211,6 +211,7 @@ async def test_dropping_the_projection_and_replaying_gives_the_same_answers(db: 
         "previous_state": "active"}, source="klm/keygen", subject=f"klm:key:{uuid.UUID(int=3)}")
     await handlers.append(db.store, [Accepted(suspended, canonical_json(suspended.to_jsonable()),
                                               Origin("t"))])
+    assert await handlers.project(db.store) == 31  # the inventory follows the log
     before = await db.store.keys(KeyFilter(limit=1000), Scope())
     conn = await db.admin()
     try:

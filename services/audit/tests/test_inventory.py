@@ -65,7 +65,9 @@ async def test_rebuilding_the_projection_gives_the_same_answers(events: Events) 
     for _ in range(3):
         await handlers.append(store, accepted(*life(events)))
     await handlers.append(store, accepted(events.generated(owner="globex")))
+    assert await handlers.project(store) == len(store.rows)
     before = await store.keys(KeyFilter(limit=1000), Scope())
+    assert len(before) == 4
     store.inventory.clear()
     assert await store.rebuild_projections() == 4
     assert await store.keys(KeyFilter(limit=1000), Scope()) == before

@@ -37,7 +37,7 @@ def create_app(settings: KlmSettings | None = None, audit: Audit | None = None) 
         if wired.broker is not None:
             broker = wired.broker
             health.add("kafka", lambda: broker.ping(timeout=2.0))
-        wired.denials.start()
+        wired.start_background()
         try:
             yield
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -13,9 +14,12 @@ from opentelemetry.metrics import Counter
 from klm_audit import handlers
 from klm_audit.adapters.postgres_store import PostgresAuditStore
 from klm_audit.adapters.tokens import PostgresTokenStore
+from klm_audit.checkpointing import Checkpointer
 from klm_audit.denials import DenialRecorder
 from klm_audit.ports import AuditStore, TokenStore
+from klm_audit.projection import Projector
 from klm_common.db import create_pool
+from klm_common.envelope import CloudEvent
 from klm_common.kafka import make_broker, subscriber_options
 from klm_common.settings import KlmSettings
 from klm_common.telemetry import setup_telemetry
@@ -44,9 +48,21 @@ class Audit:
     metrics: Metrics | None = None
     pool: asyncpg.Pool | None = None
     broker: KafkaBroker | None = None
+    projector: Projector | None = None
+    checkpointer: Checkpointer | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
+    def start_background(self) -> None:
+        """Denials recorder, projector and checkpointer (the broker must be started)."""
+        self.denials.start()
+        for task in (self.projector, self.checkpointer):
+            if task is not None:
+                task.start()
+
     async def close(self) -> None:
+        for task in (self.checkpointer, self.projector):
+            if task is not None:
+                await task.stop()
         await self.denials.stop()
         if self.broker is not None:
             await self.broker.stop()
@@ -74,9 +90,19 @@ async def bootstrap(settings: KlmSettings) -> Audit:
     pool = await create_pool(settings, "audit")
     store = PostgresAuditStore(pool)
     audit = Audit(settings=settings, store=store, tokens=PostgresTokenStore(pool),
-                  denials=DenialRecorder(store), metrics=make_metrics(), pool=pool)
+                  denials=DenialRecorder(store), metrics=make_metrics(), pool=pool,
+                  projector=Projector(store))
     audit.broker = _consumer(settings, audit)
+    audit.checkpointer = Checkpointer(store, _publisher(audit.broker,
+                                                       Topics(settings.topic_prefix).commands))
     return audit
+
+
+def _publisher(broker: KafkaBroker, topic: str) -> Callable[[CloudEvent], Awaitable[None]]:
+    async def publish(event: CloudEvent) -> None:
+        await broker.publish(event.to_bytes(), topic, key=event.partition_key,
+                             headers={"content-type": "application/cloudevents+json"})
+    return publish
 
 
 def _consumer(settings: KlmSettings, audit: Audit) -> KafkaBroker:
@@ -88,6 +114,10 @@ def _consumer(settings: KlmSettings, audit: Audit) -> KafkaBroker:
         # returning commits the batch's offsets; raising leaves them for redelivery
         batch, skipped = handlers.accept(records)
         result = await handlers.append(audit.store, batch)
+        if audit.projector is not None and result.stored:
+            audit.projector.wake()
+        if audit.checkpointer is not None and result.counted:
+            audit.checkpointer.note(result.counted)
         if audit.metrics is not None:
             audit.metrics.stored.add(result.stored)
             audit.metrics.duplicates.add(result.duplicates)

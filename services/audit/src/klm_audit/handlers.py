@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from aiokafka import ConsumerRecord
 
+from klm_audit.domain.checkpoints import CHECKPOINT_TYPES
 from klm_audit.domain.entries import Origin
 from klm_audit.domain.hash_chain import (
     NotCanonicalisable,
@@ -25,7 +26,7 @@ from klm_audit.domain.ingest import (
     ChainHead,
     correlations_of,
     fresh,
-    keys_of,
+    keys_without_owner,
     plan_append,
 )
 from klm_audit.ports import AuditStore
@@ -39,6 +40,8 @@ class AppendResult:
     stored: int
     duplicates: int
     head: ChainHead | None
+    #: stored events that count towards the next checkpoint (not checkpoint traffic)
+    counted: int = 0
 
 
 def accept(records: Iterable[ConsumerRecord[bytes, bytes]]) -> tuple[list[Accepted], int]:
@@ -67,10 +70,19 @@ async def append(store: AuditStore, batch: list[Accepted]) -> AppendResult:
         new = fresh(batch, await tx.stored_ids([a.event.id for a in batch]))
         if not new:
             return AppendResult(0, len(batch), None)
-        plan = plan_append(new, await tx.head(), await tx.views(keys_of(new)),
+        plan = plan_append(new, await tx.head(), await tx.owners(keys_without_owner(new)),
                            await tx.tenants_of(correlations_of(new)))
         await tx.write(plan)
-    return AppendResult(len(new), len(batch) - len(new), plan.head)
+    counted = sum(1 for a in new if a.event.type not in CHECKPOINT_TYPES)
+    return AppendResult(len(new), len(batch) - len(new), plan.head, counted)
+
+
+async def project(store: AuditStore) -> int:
+    """Bring the read models up to the head of the log; returns the rows passed."""
+    total = 0
+    while passed := await store.project():
+        total += passed
+    return total
 
 
 async def append_own(store: AuditStore, events: list[CloudEvent]) -> AppendResult:

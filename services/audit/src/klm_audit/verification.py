@@ -1,13 +1,17 @@
-"""Verification of the whole store: the hash chain, then the indexed columns against it."""
+"""Verification of the whole store: the hash chain, the indexed columns against it, and
+every signed checkpoint against both."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
+from klm_audit.domain.checkpoints import Checkpoint, check_checkpoints
 from klm_audit.domain.hash_chain import ChainVerifier
 from klm_audit.ports import AuditStore
 
-CHUNK = 20_000
+#: rows per fetch; the next chunk is fetched while this one is hashed
+CHUNK = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,23 +22,24 @@ class Verification:
     head_hash: bytes
     first_broken_sequence: int | None = None
     reason: str | None = None
+    checkpoints_checked: int = 0
+    last_checkpoint: Checkpoint | None = None
+    checkpoint_keys: tuple[str, ...] = field(default_factory=tuple)
 
 
-async def verify_store(store: AuditStore, chunk: int = CHUNK, *,
-                       columns: bool = True) -> Verification:
+async def verify_store(store: AuditStore, chunk: int = CHUNK, *, columns: bool = True,
+                       trusted_keys: frozenset[str] = frozenset()) -> Verification:
     """Recompute every link from genesis; name the first sequence that does not hold.
 
     ``columns`` also checks the indexed columns against the hashed JSON (slower: Postgres
-    parses every event); the chain alone proves the events themselves.
+    parses every event); the chain alone proves the events themselves. Then every recorded
+    checkpoint must carry a valid signature (by one of ``trusted_keys`` when given) over a
+    (sequence, hash) the chain still has: a truncated tail or an older dump shows here.
     """
+    checkpoints = await store.checkpoints()  # before the head: none may cover rows unseen
     head = await store.head()
-    verifier = ChainVerifier()
-    after = 0
-    while after < head.sequence:
-        links = await store.links(after, head.sequence, chunk)
-        if not links or not verifier.feed(links):
-            break
-        after = links[-1].sequence
+    verifier = ChainVerifier(watch=frozenset(c.sequence for c in checkpoints))
+    await _walk(store, verifier, head.sequence, chunk)
     broken = verifier.broken
     if broken is None and verifier.head_sequence != head.sequence:
         broken_at = verifier.head_sequence + 1
@@ -47,9 +52,39 @@ async def verify_store(store: AuditStore, chunk: int = CHUNK, *,
                        "the hashed event: the row was modified")
     if broken is not None:
         return _failed(verifier, broken.sequence, broken.reason)
-    return Verification(True, verifier.checked, verifier.head_sequence, verifier.head_hash)
+    failure = check_checkpoints(checkpoints, verifier.head_sequence, verifier.hashes_at,
+                                trusted_keys)
+    if failure is not None:
+        return _failed(verifier, failure.sequence, failure.reason, checkpoints)
+    return Verification(True, verifier.checked, verifier.head_sequence, verifier.head_hash,
+                        **_checkpoint_summary(checkpoints))
 
 
-def _failed(verifier: ChainVerifier, sequence: int, reason: str) -> Verification:
+async def _walk(store: AuditStore, verifier: ChainVerifier, upto: int, chunk: int) -> None:
+    """Stream the chain in ranges of ``chunk`` sequences: the next range is being fetched
+    (Postgres works on its own core) while this one is hashed on a worker thread."""
+    after = 0
+    pending = asyncio.ensure_future(store.chain_rows(after, min(upto, after + chunk)))
+    while True:
+        rows = await pending
+        after = min(upto, after + chunk)
+        more = after < upto
+        if more:
+            pending = asyncio.ensure_future(store.chain_rows(after, min(upto, after + chunk)))
+        holds = await asyncio.to_thread(verifier.feed_rows, rows) if rows else False
+        if not (holds and more):
+            if more:
+                pending.cancel()
+            return
+
+
+def _checkpoint_summary(checkpoints: list[Checkpoint]) -> dict[str, object]:
+    last = max(checkpoints, key=lambda c: c.sequence) if checkpoints else None
+    return {"checkpoints_checked": len(checkpoints), "last_checkpoint": last,
+            "checkpoint_keys": tuple(sorted({c.signing_key_id for c in checkpoints}))}
+
+
+def _failed(verifier: ChainVerifier, sequence: int, reason: str,
+            checkpoints: list[Checkpoint] | None = None) -> Verification:
     return Verification(False, verifier.checked, verifier.head_sequence, verifier.head_hash,
-                        sequence, reason)
+                        sequence, reason, **_checkpoint_summary(checkpoints or []))

@@ -9,10 +9,11 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
 from klm_audit.domain.auth import StoredToken
+from klm_audit.domain.checkpoints import Checkpoint
 from klm_audit.domain.entries import StoredEntry
-from klm_audit.domain.hash_chain import GENESIS, Link
+from klm_audit.domain.hash_chain import GENESIS, ChainRow, Link
 from klm_audit.domain.ingest import AppendPlan, ChainHead
-from klm_audit.domain.inventory import Fact, KeyView, apply
+from klm_audit.domain.inventory import Fact, KeyView, fold
 from klm_audit.domain.queries import EventFilter, KeyFilter, Scope
 
 
@@ -27,8 +28,13 @@ class MemoryAppendTx:
         rows = self._store.rows
         return ChainHead(rows[-1].sequence, rows[-1].hash) if rows else ChainHead(0, GENESIS)
 
-    async def views(self, key_ids: Iterable[str]) -> dict[str, KeyView]:
-        return {k: self._store.inventory[k] for k in key_ids if k in self._store.inventory}
+    async def owners(self, key_ids: Iterable[str]) -> dict[str, str | None]:
+        wanted = set(key_ids)
+        found: dict[str, str | None] = {}
+        for r in self._store.rows:
+            if r.subject in wanted and r.tenant is not None:
+                found[r.subject] = r.tenant
+        return found
 
     async def tenants_of(self, event_ids: Iterable[str]) -> dict[str, str | None]:
         by_id = self._store.by_id
@@ -43,7 +49,7 @@ class MemoryAppendTx:
                               s.prev_hash, s.hash)
             self._store.rows.append(row)
             self._store.by_id[row.event_id] = row
-        self._store.inventory.update(plan.views)
+        self._store.checkpoint_rows.extend(plan.checkpoints)
 
 
 class MemoryAuditStore:
@@ -51,6 +57,8 @@ class MemoryAuditStore:
         self.rows: list[StoredEntry] = []
         self.by_id: dict[str, StoredEntry] = {}
         self.inventory: dict[str, KeyView] = {}
+        self.position = 0
+        self.checkpoint_rows: list[Checkpoint] = []
         self._lock = asyncio.Lock()
 
     @asynccontextmanager
@@ -102,6 +110,10 @@ class MemoryAuditStore:
         rows = [r for r in self.rows if after < r.sequence <= upto][:limit]
         return [Link(r.sequence, r.prev_hash, r.hash, r.canonical) for r in rows]
 
+    async def chain_rows(self, after: int, upto: int) -> Sequence[ChainRow]:
+        return [(r.sequence, r.prev_hash, r.hash, r.canonical) for r in self.rows
+                if after < r.sequence <= upto]
+
     async def first_inconsistent_row(self, upto: int) -> int | None:
         for r in self.rows:
             event = json.loads(r.canonical)
@@ -109,16 +121,26 @@ class MemoryAuditStore:
                 return r.sequence
         return None
 
+    async def checkpoints(self) -> list[Checkpoint]:
+        return list(self.checkpoint_rows)
+
+    async def project(self, chunk: int = 20_000) -> int:
+        upto = min(len(self.rows), self.position + chunk)
+        facts = [(str(r.subject), _fact(r)) for r in self.rows[self.position:upto]
+                 if r.subject is not None and r.type.startswith("klm.key.")]
+        self.inventory.update(fold(self.inventory, facts))
+        passed, self.position = upto - self.position, upto
+        return passed
+
+    async def projection_lag(self) -> int:
+        return len(self.rows) - self.position
+
     async def rebuild_projections(self) -> int:
         async with self._lock:
-            views: dict[str, KeyView] = {}
-            for r in self.rows:
-                if r.subject is not None and r.type.startswith("klm.key."):
-                    after = apply(views.get(r.subject), _fact(r))
-                    if after is not None:
-                        views[r.subject] = after
-            self.inventory = views
-            return len(views)
+            self.inventory, self.position = {}, 0
+            while await self.project():
+                pass
+            return len(self.inventory)
 
 
 class MemoryTokenStore:

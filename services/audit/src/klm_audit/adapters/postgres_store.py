@@ -1,9 +1,11 @@
-"""The audit store on Postgres: the append transaction and the read queries.
+"""The audit store on Postgres: the append transaction, the projection and the reads.
 
 Appends are serialised by a transaction-level advisory lock (the audit role cannot take
 table locks stronger than ROW EXCLUSIVE, and needs none): the chain head is read, the batch
-sealed after it, rows COPied in and the projections updated — all in one transaction, so
-sequences are gap-free and a crash leaves either the whole batch or nothing.
+sealed after it, rows (and any checkpoints) COPied in — one transaction, so sequences are
+gap-free and a crash leaves either the whole batch or nothing. The key inventory follows
+the log in its own transactions (:meth:`PostgresAuditStore.project`), from its tracking
+position, under its own lock.
 """
 
 from __future__ import annotations
@@ -14,18 +16,25 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
+from klm_audit.domain.checkpoints import Checkpoint
 from klm_audit.domain.entries import StoredEntry
-from klm_audit.domain.hash_chain import GENESIS, Link
+from klm_audit.domain.hash_chain import GENESIS, ChainRow, Link
 from klm_audit.domain.ingest import AppendPlan, ChainHead
-from klm_audit.domain.inventory import Fact, KeyView, apply
+from klm_audit.domain.inventory import Fact, KeyView, fold
 from klm_audit.domain.queries import EventFilter, KeyFilter, Scope
 
 #: pg_advisory_xact_lock key held by whoever appends to audit_log
 APPEND_LOCK = 7243200
+#: … and by whoever moves the key inventory's position
+PROJECTION_LOCK = 7243201
+#: most log rows one projection transaction reads
+PROJECTION_CHUNK = 20_000
 
 _COLUMNS = ("sequence", "event_id", "type", "subject", "key_version", "source", "tenant",
             "correlation_id", "occurred_at", "topic", "kafka_partition", "kafka_offset",
             "canonical", "prev_hash", "hash")
+_CHECKPOINT_COLUMNS = ("log_sequence", "event_id", "sequence", "head_hash", "signed_at",
+                       "algorithm", "signature", "public_key", "signing_key_id")
 _HISTORY = """
 WITH k AS (SELECT * FROM audit_log WHERE subject = $1)
 SELECT sequence, event_id, type, subject, key_version, source, tenant, correlation_id,
@@ -65,11 +74,16 @@ class PostgresAppendTx:
             "SELECT sequence, hash FROM audit_log ORDER BY sequence DESC LIMIT 1")
         return ChainHead(row["sequence"], bytes(row["hash"])) if row else ChainHead(0, GENESIS)
 
-    async def views(self, key_ids: Iterable[str]) -> dict[str, KeyView]:
+    async def owners(self, key_ids: Iterable[str]) -> dict[str, str | None]:
+        """The tenant last recorded for each key (its owner), from the log itself."""
+        keys = list(key_ids)
+        if not keys:
+            return {}
         rows = await self._conn.fetch(
-            "SELECT view FROM key_inventory WHERE key_id = ANY($1::text[])", list(key_ids))
-        views = (KeyView.model_validate_json(r["view"]) for r in rows)
-        return {v.key_id: v for v in views}
+            "SELECT DISTINCT ON (subject) subject, tenant FROM audit_log "
+            "WHERE subject = ANY($1::text[]) AND tenant IS NOT NULL "
+            "ORDER BY subject, sequence DESC", keys)
+        return {r["subject"]: r["tenant"] for r in rows}
 
     async def tenants_of(self, event_ids: Iterable[str]) -> dict[str, str | None]:
         rows = await self._conn.fetch(
@@ -86,7 +100,12 @@ class PostgresAppendTx:
         if records:
             await self._conn.copy_records_to_table("audit_log", records=records,
                                                    columns=_COLUMNS)
-        await save_views(self._conn, plan.views.values())
+        if plan.checkpoints:
+            await self._conn.copy_records_to_table(
+                "checkpoints", columns=_CHECKPOINT_COLUMNS,
+                records=[(c.log_sequence, c.event_id, c.sequence, c.head_hash, c.signed_at,
+                          c.algorithm, c.signature, c.public_key, c.signing_key_id)
+                         for c in plan.checkpoints])
 
 
 async def save_views(conn: asyncpg.Connection, views: Iterable[KeyView]) -> None:
@@ -176,28 +195,72 @@ class PostgresAuditStore:
         return [Link(r["sequence"], bytes(r["prev_hash"]), bytes(r["hash"]),
                      r["canonical"].encode("utf-8")) for r in rows]
 
+    async def chain_rows(self, after: int, upto: int) -> Sequence[ChainRow]:
+        """``(sequence, prev_hash, hash, canonical UTF-8)`` for after < sequence <= upto,
+        in order: the verifier's stream (the bytes come straight from the server)."""
+        return await self._pool.fetch(  # type: ignore[no-any-return]
+            "SELECT sequence, prev_hash, hash, convert_to(canonical, 'UTF8') FROM audit_log "
+            "WHERE sequence > $1 AND sequence <= $2 ORDER BY sequence", after, upto)
+
     async def first_inconsistent_row(self, upto: int) -> int | None:
         """First sequence whose indexed columns disagree with its hashed canonical JSON."""
         return await self._pool.fetchval(  # type: ignore[no-any-return]
             _INCONSISTENT_ROWS, upto)
 
+    async def checkpoints(self) -> list[Checkpoint]:
+        rows = await self._pool.fetch(
+            "SELECT log_sequence, event_id, sequence, head_hash, signed_at, algorithm, "
+            "signature, public_key, signing_key_id FROM checkpoints ORDER BY log_sequence")
+        return [Checkpoint(r["log_sequence"], r["event_id"], r["sequence"],
+                           bytes(r["head_hash"]), r["signed_at"], r["algorithm"],
+                           bytes(r["signature"]), bytes(r["public_key"]),
+                           r["signing_key_id"]) for r in rows]
+
     # ---------------------------------------------------------------- projections
-    async def rebuild_projections(self) -> int:
-        """Drop the inventory and replay every event into it, under the append lock."""
+    async def project(self, chunk: int = PROJECTION_CHUNK) -> int:
+        """Fold the log rows after the inventory's position (at most ``chunk`` of them) into
+        it, and move the position, in one transaction. Returns how many rows were passed."""
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK)
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", PROJECTION_LOCK)
+            return await _project_chunk(conn, chunk)
+
+    async def projection_lag(self) -> int:
+        return await self._pool.fetchval(  # type: ignore[no-any-return]
+            "SELECT COALESCE((SELECT max(sequence) FROM audit_log), 0) - position "
+            "FROM projection_position WHERE name = 'key_inventory'")
+
+    async def rebuild_projections(self) -> int:
+        """Drop the inventory and replay every event into it, under the projection lock."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", PROJECTION_LOCK)
             await conn.execute("DELETE FROM key_inventory")
-            views: dict[str, KeyView] = {}
-            cursor = conn.cursor(
-                "SELECT sequence, type, subject, canonical FROM audit_log "
-                "WHERE type LIKE 'klm.key.%' AND subject IS NOT NULL ORDER BY sequence",
-                prefetch=5000)
-            async for row in cursor:
-                after = apply(views.get(row["subject"]), _fact(row))
-                if after is not None:
-                    views[row["subject"]] = after
-            await save_views(conn, views.values())
-            return len(views)
+            await conn.execute(
+                "UPDATE projection_position SET position = 0 WHERE name = 'key_inventory'")
+            while await _project_chunk(conn, PROJECTION_CHUNK * 5):
+                pass
+            return await conn.fetchval("SELECT count(*) FROM key_inventory")  # type: ignore[no-any-return]
+
+
+async def _project_chunk(conn: asyncpg.Connection, chunk: int) -> int:
+    position = await conn.fetchval(
+        "SELECT position FROM projection_position WHERE name = 'key_inventory'")
+    head = await conn.fetchval("SELECT COALESCE(max(sequence), 0) FROM audit_log")
+    upto = min(head, position + chunk)
+    if upto <= position:
+        return 0
+    rows = await conn.fetch(
+        "SELECT sequence, type, subject, canonical FROM audit_log "
+        "WHERE sequence > $1 AND sequence <= $2 AND type LIKE 'klm.key.%' "
+        "AND subject IS NOT NULL ORDER BY sequence", position, upto)
+    if rows:
+        keys = list({r["subject"] for r in rows})
+        stored = await conn.fetch(
+            "SELECT view FROM key_inventory WHERE key_id = ANY($1::text[])", keys)
+        views = {v.key_id: v for v in (KeyView.model_validate_json(r["view"]) for r in stored)}
+        await save_views(conn, fold(views, ((r["subject"], _fact(r)) for r in rows)).values())
+    await conn.execute(
+        "UPDATE projection_position SET position = $1 WHERE name = 'key_inventory'", upto)
+    return upto - position
 
 
 def _fact(row: asyncpg.Record) -> Fact:

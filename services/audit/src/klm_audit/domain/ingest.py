@@ -1,8 +1,9 @@
-"""Planning one append: dedupe, tenant, sequence, hash and projection changes (pure).
+"""Planning one append: dedupe, tenant, sequence, hash and checkpoints (pure).
 
 The store takes the append lock, loads what this module needs (chain head, ids already
-stored, views of the keys involved, tenants of correlated events), calls
-:func:`plan_append`, and writes the result in the same transaction.
+stored, owners of the keys involved, tenants of correlated events), calls
+:func:`plan_append`, and writes the result in the same transaction. The read models are
+not part of it: they follow the log on their own position (:mod:`klm_audit.projection`).
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from klm_audit.domain.checkpoints import Checkpoint, checkpoint_of
 from klm_audit.domain.entries import Origin, PendingEntry, key_id_of, owner_of, pending_entry
 from klm_audit.domain.hash_chain import link_hash
-from klm_audit.domain.inventory import Fact, KeyView, apply
 from klm_common.envelope import CloudEvent
 
 
@@ -44,7 +45,7 @@ class ChainHead:
 @dataclass(slots=True)
 class AppendPlan:
     sealed: list[Sealed] = field(default_factory=list)
-    views: dict[str, KeyView] = field(default_factory=dict)
+    checkpoints: list[Checkpoint] = field(default_factory=list)
     duplicates: int = 0
 
     @property
@@ -64,26 +65,31 @@ def fresh(batch: Sequence[Accepted], stored_ids: set[str]) -> list[Accepted]:
     return out
 
 
-def plan_append(batch: Sequence[Accepted], head: ChainHead, views: Mapping[str, KeyView],
+def plan_append(batch: Sequence[Accepted], head: ChainHead, owners: Mapping[str, str | None],
                 tenants_by_event: Mapping[str, str | None]) -> AppendPlan:
-    """Seal ``batch`` (already fresh) after ``head`` and fold it into ``views``."""
+    """Seal ``batch`` (already fresh) after ``head``; ``owners`` maps key ids to tenants."""
     plan = AppendPlan()
-    known_views = dict(views)
+    known_owners = dict(owners)
     tenants = dict(tenants_by_event)
     sequence, prev = head.sequence, head.hash
     for item in batch:
-        tenant = resolve_tenant(item.event, known_views, tenants)
+        tenant = resolve_tenant(item.event, known_owners, tenants)
         tenants[item.event.id] = tenant
+        key_id = key_id_of(item.event)
+        if key_id is not None and tenant is not None:
+            known_owners.setdefault(key_id, tenant)
         sequence += 1
         digest = link_hash(prev, sequence, item.canonical)
         plan.sealed.append(Sealed(pending_entry(item.event, item.canonical, item.origin, tenant),
                                   sequence, prev, digest))
         prev = digest
-        _project(item.event, sequence, known_views, plan.views)
+        checkpoint = checkpoint_of(item.event, sequence)
+        if checkpoint is not None:
+            plan.checkpoints.append(checkpoint)
     return plan
 
 
-def resolve_tenant(event: CloudEvent, views: Mapping[str, KeyView],
+def resolve_tenant(event: CloudEvent, owners: Mapping[str, str | None],
                    tenants_by_event: Mapping[str, str | None]) -> str | None:
     """The tenant an event belongs to: its ``owner``, else its key's, else its request's.
 
@@ -94,26 +100,17 @@ def resolve_tenant(event: CloudEvent, views: Mapping[str, KeyView],
     if owner is not None:
         return owner
     key_id = key_id_of(event)
-    if key_id is not None and key_id in views:
-        return views[key_id].owner
+    if key_id is not None and owners.get(key_id) is not None:
+        return owners[key_id]
     if event.correlationid is not None:
         return tenants_by_event.get(event.correlationid)
     return None
 
 
-def _project(event: CloudEvent, sequence: int, views: dict[str, KeyView],
-             changed: dict[str, KeyView]) -> None:
-    key_id = key_id_of(event)
-    if key_id is None or not event.type.startswith("klm.key."):
-        return
-    fact = Fact(sequence=sequence, type=event.type, time=event.time, data=event.data)
-    after = apply(views.get(key_id), fact)
-    if after is not None and after is not views.get(key_id):
-        views[key_id] = changed[key_id] = after
-
-
-def keys_of(batch: Sequence[Accepted]) -> set[str]:
-    return {k for k in (key_id_of(a.event) for a in batch) if k is not None}
+def keys_without_owner(batch: Sequence[Accepted]) -> set[str]:
+    """Keys whose owner must be looked up: named by an event that does not carry one."""
+    return {k for a in batch if owner_of(a.event.data) is None
+            and (k := key_id_of(a.event)) is not None}
 
 
 def correlations_of(batch: Sequence[Accepted]) -> set[str]:

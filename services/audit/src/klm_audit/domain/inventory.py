@@ -7,7 +7,7 @@ rotation, destruction schedule, backups and open policy findings on top.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -113,6 +113,18 @@ def _well_formed(fact: Fact) -> bool:
     except ValidationError:
         return False
     return True
+
+
+def fold(views: Mapping[str, KeyView], facts: Iterable[tuple[str, Fact]]
+         ) -> dict[str, KeyView]:
+    """Apply ``(key_id, fact)`` pairs in order to ``views``; return the views that changed."""
+    current = dict(views)
+    changed: dict[str, KeyView] = {}
+    for key_id, fact in facts:
+        after = apply(current.get(key_id), fact)
+        if after is not None and after is not current.get(key_id):
+            current[key_id] = changed[key_id] = after
+    return changed
 
 
 def replay(facts: Iterable[Fact]) -> KeyView | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
@@ -26,6 +27,7 @@ from klm_audit.entrypoints.auth import (
     unscoped_reader,
 )
 from klm_audit.entrypoints.schemas import (
+    CheckpointOut,
     EventOut,
     EventsPage,
     HistoryOut,
@@ -33,6 +35,7 @@ from klm_audit.entrypoints.schemas import (
     KeysPage,
     VerifyOut,
 )
+from klm_audit.projection import caught_up
 from klm_audit.verification import verify_store
 
 router = APIRouter(prefix="/v1")
@@ -42,6 +45,7 @@ Text = Annotated[str | None, Query(max_length=256, pattern=r"^[^\x00]*$")]
 KeyIdPath = Annotated[str, Path(max_length=256, pattern=r"^[^\x00]*$")]
 Limit = Annotated[int, Query(ge=1, le=1000)]
 _MAX_SEQUENCE = 2**63 - 1
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 Reader = Annotated[Principal, Depends(reader)]
 UnscopedReader = Annotated[Principal, Depends(unscoped_reader)]
 Admin = Annotated[Principal, Depends(admin)]
@@ -79,6 +83,7 @@ def _sequence_cursor(cursor: str | None) -> int:
 async def _visible_key(request: Request, audit: Audit, key_id: str,
                        principal: Principal) -> None:
     """404 unless the key exists in the caller's scope; a cross-tenant probe is recorded."""
+    await caught_up(audit.store)
     if await audit.store.key(key_id, scope_of(principal)) is not None:
         return
     if principal.tenant is not None and await audit.store.key(key_id, Scope()) is not None:
@@ -124,6 +129,7 @@ async def keys(request: Request, *, state: Text = None, algorithm: Text = None,
     """Key inventory: state, algorithm, size, usages, age, policy findings."""
     filters = KeyFilter(state=state, algorithm=algorithm, owner=owner,
                         after_key_id=_decode_cursor(cursor), limit=limit)
+    await caught_up(audit_of(request).store)
     views = await audit_of(request).store.keys(filters, scope_of(principal))
     now = datetime.now(UTC)
     next_cursor = _encode_cursor(views[-1].key_id) if len(views) == limit else None
@@ -146,18 +152,32 @@ async def events(request: Request, *, type: Text = None, subject: Text = None,
 
 @router.get("/audit/verify", response_model=VerifyOut)
 async def verify(request: Request, _: UnscopedReader,
-                 columns: Annotated[bool, Query()] = True) -> VerifyOut:
-    """Recompute the whole chain; name the first broken sequence and why.
+                 columns: Annotated[bool, Query()] = True,
+                 trusted_key: Annotated[list[str] | None, Query(
+                     max_length=16, description="SHA-256 (hex) of a checkpoint public key "
+                     "to accept; repeatable. Without it any key is accepted and reported in "
+                     "checkpoint_keys, for you to compare with the one you trust.")] = None,
+                 ) -> VerifyOut:
+    """Recompute the whole chain and check every signed checkpoint against it; name the
+    first broken sequence and why.
 
     ``columns=false`` skips re-checking the indexed columns against each event (faster).
     """
-    result = await verify_store(audit_of(request).store, columns=columns)
+    keys = frozenset(k.lower() for k in trusted_key or [] if _HEX64.fullmatch(k.lower()))
+    if trusted_key and len(keys) != len(set(trusted_key)):
+        raise ApiError(400, "invalid_trusted_key", "trusted_key must be 64 hex digits")
+    result = await verify_store(audit_of(request).store, columns=columns, trusted_keys=keys)
+    last = result.last_checkpoint
     return VerifyOut(ok=result.ok, checked=result.checked, head_sequence=result.head_sequence,
                      head_hash=result.head_hash.hex(),
-                     first_broken_sequence=result.first_broken_sequence, reason=result.reason)
+                     first_broken_sequence=result.first_broken_sequence, reason=result.reason,
+                     checkpoints_checked=result.checkpoints_checked,
+                     checkpoint_keys=list(result.checkpoint_keys),
+                     last_checkpoint=None if last is None else CheckpointOut.of(last))
 
 
 async def _all_keys(audit: Audit, scope: Scope) -> list[KeyView]:
+    await caught_up(audit.store)
     views: list[KeyView] = []
     while True:
         after = views[-1].key_id if views else None

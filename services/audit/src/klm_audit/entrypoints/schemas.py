@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
 
+from klm_audit.domain.checkpoints import Checkpoint
 from klm_audit.domain.entries import StoredEntry
 from klm_audit.domain.inventory import KeyView
 
@@ -75,7 +77,31 @@ class VerifyOut(BaseModel):
     head_hash: str
     first_broken_sequence: int | None = None
     reason: str | None = None
-    checkpoints_checked: int = 0
+    checkpoints_checked: int = Field(default=0, description="signed checkpoints verified")
+    checkpoint_keys: list[str] = Field(default_factory=list, description="SHA-256 (hex) of "
+                                       "the public keys that signed them")
+    last_checkpoint: CheckpointOut | None = None
+
+
+class CheckpointOut(BaseModel):
+    """A signed chain head: keep it outside KLM and pass it to tools/verify_chain.py."""
+
+    sequence: int
+    head_hash: str
+    time: datetime
+    algorithm: str
+    signing_key_id: str
+    signature: str = Field(description="base64 DER")
+    public_key: str = Field(description="base64 DER SubjectPublicKeyInfo")
+    event_sequence: int = Field(description="where the checkpoint event itself is stored")
+
+    @classmethod
+    def of(cls, cp: Checkpoint) -> CheckpointOut:
+        return cls(sequence=cp.sequence, head_hash=cp.head_hash.hex(), time=cp.signed_at,
+                   algorithm=cp.algorithm, signing_key_id=cp.signing_key_id,
+                   signature=base64.b64encode(cp.signature).decode(),
+                   public_key=base64.b64encode(cp.public_key).decode(),
+                   event_sequence=cp.log_sequence)
 
 
 class ErrorOut(BaseModel):
