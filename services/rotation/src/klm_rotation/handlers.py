@@ -138,39 +138,56 @@ async def handle_facts(records: Sequence[ConsumerRecord[bytes, bytes]], deps: De
     deps.wake_scheduler()
 
 
+@dataclass
+class Projection:
+    """What one batch of facts did to the inventory, before it is written."""
+
+    keys: dict[str, InventoryKey]
+    rejected: dict[str, RowId]
+    touched: dict[str, InventoryKey] = field(default_factory=dict)
+    retries: list[RowId] = field(default_factory=list)
+    records: list[CloudEvent] = field(default_factory=list)
+
+    def refused(self, event: CloudEvent, data: RequestRejected, deps: Deps) -> None:
+        """Keygen refused one of our commands: count it once, retry it later."""
+        row = self.rejected.pop(event.correlationid or "", None)
+        key = self.keys.get(row[0]) if row else None
+        if row is None or key is None:
+            return
+        self.keys[key.key_id] = self.touched[key.key_id] = note_rejection(key, row[1], row[2])
+        self.retries.append(row)
+        deps.metrics.rejected(row[1], data.code)
+
+    def applied(self, event: CloudEvent, data: EventData, deps: Deps) -> None:
+        before = self.keys.get(event.subject or "")
+        key = apply(before, event, data)
+        if key is None or key == before:
+            return
+        self.keys[key.key_id] = self.touched[key.key_id] = key
+        if isinstance(data, DestructionScheduled):
+            record = compliance.override_record(key, deps.policy.policy, deps.clock(),
+                                                deps.day_seconds, event)
+            self.records += [record] if record else []
+
+
 async def project(tx: Tx, facts: Sequence[tuple[CloudEvent, EventData]], deps: Deps) -> None:
+    """Apply facts to the inventory, then re-plan and reassess the keys they changed."""
     policy, day = deps.policy.policy, deps.day_seconds
     rejected = await tx.rows_for_requests(
         [e.correlationid for e, d in facts if isinstance(d, RequestRejected) and e.correlationid])
     subjects = [e.subject for e, d in facts if e.subject and not isinstance(d, RequestRejected)]
-    keys = await tx.load_keys(subjects + [rid[0] for rid in rejected.values()])
-    touched: dict[str, InventoryKey] = {}
-    retries: list[RowId] = []
-    records: list[CloudEvent] = []
+    batch = Projection(await tx.load_keys(subjects + [r[0] for r in rejected.values()]), rejected)
     for event, data in facts:
         if isinstance(data, RequestRejected):
-            row = rejected.get(event.correlationid or "")
-            key = keys.get(row[0]) if row else None
-            if row is None or key is None:
-                continue
-            keys[key.key_id] = touched[key.key_id] = note_rejection(key, row[1], row[2])
-            retries.append(row)
-            deps.metrics.rejected(row[1], data.code)
-            continue
-        before = keys.get(event.subject or "")
-        key = apply(before, event, data)
-        if key is None or key == before:
-            continue
-        keys[key.key_id] = touched[key.key_id] = key
-        if isinstance(data, DestructionScheduled):
-            record = compliance.override_record(key, policy, deps.clock(), day, event)
-            records += [record] if record else []
-    changed = sorted(touched.values(), key=lambda k: k.key_id)
+            batch.refused(event, data, deps)
+        else:
+            batch.applied(event, data, deps)
+    changed = sorted(batch.touched.values(), key=lambda k: k.key_id)
     await tx.save_keys(changed)
     await reconcile(tx, changed, policy, day)
-    retry_at = deps.clock() + schedule.days(policy.defaults.redispatch_days, day)
-    await tx.retry(retries, retry_at)
-    changes = compliance.Changes(events=records)
+    await tx.retry(batch.retries,
+                   deps.clock() + schedule.days(policy.defaults.redispatch_days, day))
+    changes = compliance.Changes(events=batch.records)
     await assess(tx, changed, deps, changes)
     await _publish_findings(tx, deps, changes)
     deps.metrics.findings(changes)
