@@ -191,7 +191,9 @@ async def test_every_new_version_is_backed_up_or_its_skip_recorded(
     KEYS["ca"] = await new_key(klm, "EC", curve="P-256", labels={"klm.backup": "required"})
     KEYS["resident"] = await new_key(klm, "AES-128", protection="hsm-resident")
     KEYS["signer"] = await new_key(klm, "EC", curve="P-256")  # private signature key
-    for name in ("aes", "hmac", "rsa_enc", "ca", "resident", "signer"):
+    KEYS["resident_ca"] = await new_key(klm, "EC", curve="P-384", protection="hsm-resident",
+                                        labels={"klm.backup": "required"})
+    for name in ("aes", "hmac", "rsa_enc", "ca", "resident", "signer", "resident_ca"):
         fact = await backed_up(events, KEYS[name]["key_id"])
         assert fact.data["skipped"] is (name == "signer"), (name, fact.data)
     signer = await backed_up(events, KEYS["signer"]["key_id"])
@@ -202,7 +204,7 @@ async def test_every_new_version_is_backed_up_or_its_skip_recorded(
         "FROM backup.backups")}
     keystore = {r["key_id"]: r["wrapped"] for r in await admin(
         settings, "SELECT key_id, wrapped FROM keygen.key_versions")}
-    for name in ("aes", "hmac", "rsa_enc", "ca", "resident"):
+    for name in ("aes", "hmac", "rsa_enc", "ca", "resident", "resident_ca"):
         row = rows[KEYS[name]["key_id"]]
         assert row["blob"] and len(row["tag"]) == 32
         assert hashlib.sha256(row["blob"]).hexdigest() == row["blob_sha256"]
@@ -401,6 +403,7 @@ async def test_disaster_recovery_from_three_of_five_custodians(
     # before: signatures, ciphertexts and MACs made with the keys
     message = b"signed before the disaster"
     ca_sig = await klm.sign(KEYS["ca"]["key_id"], message, owner=OWNER)
+    resident_sig = await klm.sign(KEYS["resident_ca"]["key_id"], message, owner=OWNER)
     signer_sig = await klm.sign(KEYS["signer"]["key_id"], message, owner=OWNER)
     aes_sealed = await klm.encrypt(KEYS["aes"]["key_id"], b"secret v2", owner=OWNER, aad=b"a")
     rsa_sealed = await klm.encrypt(KEYS["rsa_enc"]["key_id"], b"dek", owner=OWNER)
@@ -455,3 +458,8 @@ async def test_disaster_recovery_from_three_of_five_custodians(
     assert (await klm.decrypt(aes_sealed, owner=OWNER, aad=b"a")).data == b"secret v2"
     assert (await klm.decrypt(rsa_sealed, owner=OWNER)).data == b"dek"
     assert (await klm.decrypt(res_sealed, owner=OWNER)).data == b"resident"
+    # the resident key pair is back on the token: both halves, found by CKA_ID
+    assert await klm.verify(KEYS["resident_ca"]["key_id"], message, resident_sig, owner=OWNER)
+    again = await klm.sign(KEYS["resident_ca"]["key_id"], b"after", owner=OWNER)
+    serialization.load_pem_public_key(KEYS["resident_ca"]["public_key_pem"].encode()).verify(
+        again.signature, b"after", ec.ECDSA(hashes.SHA384()))

@@ -36,6 +36,7 @@ from klm_common.errors import (
 )
 from klm_common.events import BackupMaterial, BlobCheck
 from klm_keygen.adapters.hsm import _private_attributes, _usage_attributes
+from klm_keygen.adapters.hsm_usage import import_public_key
 
 BACKUP_KEK_LABEL = "klm-backup-kek"
 WRAP_MECHANISM = Mechanism.AES_KEY_WRAP_PAD
@@ -317,4 +318,21 @@ def _recreate_resident(session: Any, backup_kek: Any, material: BackupMaterial) 
                 template={Attribute.TOKEN: True, Attribute.PRIVATE: True,
                           Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True,
                           **usage_attrs})
+    if object_class is ObjectClass.PRIVATE_KEY and material.public_der_b64:
+        _recreate_public(session, material, obj_id, usages)
+
+
+def _recreate_public(session: Any, material: BackupMaterial, obj_id: bytes,
+                     usages: frozenset[Usage]) -> None:
+    """The public half of a resident key pair, back on the token from the recorded SPKI."""
+    for old in session.get_objects({Attribute.ID: obj_id,
+                                    Attribute.CLASS: ObjectClass.PUBLIC_KEY}):
+        old.destroy()
+    scratch = import_public_key(session, base64.b64decode(material.public_der_b64 or ""),
+                                usages)
+    try:
+        scratch.copy({Attribute.TOKEN: True, Attribute.ID: obj_id,
+                      Attribute.LABEL: f"klm:{obj_id.hex()}"})
+    finally:
+        scratch.destroy()
 
