@@ -30,7 +30,7 @@ from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
-from klm_common import metrics
+from klm_common import metrics, telemetry
 from klm_common.envelope import CloudEvent
 
 #: inbound event types that are requests (answered once, counted in ``klm.requests``)
@@ -77,6 +77,8 @@ class BatchObservation:
         """Trace context of the inbound record that caused ``event`` (None: not from us)."""
         for ref in (event.causationid, event.correlationid):
             if ref and (found := self.by_event_id.get(ref)) is not None:
+                if not found.span.get_span_context().is_valid:
+                    return None  # the record carried no trace: use the current one
                 return trace.set_span_in_context(found.span)
         return None
 
@@ -157,10 +159,15 @@ def _open(records: Sequence[ConsumerRecord[bytes, bytes]]) -> BatchObservation:
     batch_span = trace.get_current_span()
     links = [Link(batch_span.get_span_context())] if batch_span.get_span_context().is_valid \
         else []
+    recording = telemetry.exports_spans()
     inbound = []
     for record in records:
+        parent = record_context(record)
+        if not recording:  # pass the record's own context on (see telemetry.exports_spans)
+            inbound.append(_Inbound(record, trace.get_current_span(parent)))
+            continue
         span = tracer.start_span(
-            f"klm.consume {record.topic}", context=record_context(record), kind=SpanKind.CONSUMER,
+            f"klm.consume {record.topic}", context=parent, kind=SpanKind.CONSUMER,
             links=links, attributes={
                 "messaging.system": "kafka", "messaging.destination.name": record.topic,
                 "messaging.destination.partition.id": str(record.partition),
@@ -179,9 +186,10 @@ def _close(batch: BatchObservation, error: BaseException | None) -> None:
             item.span.set_status(Status(StatusCode.ERROR, type(error).__name__))
         elif item.outcome is not None:
             _count_request(item, now)
-        if item.event_type:
-            item.span.set_attribute("cloudevents.event_type", item.event_type)
-        item.span.end()
+        if item.span.is_recording():
+            if item.event_type:
+                item.span.set_attribute("cloudevents.event_type", item.event_type)
+            item.span.end()
 
 
 def _count_request(item: _Inbound, now: float) -> None:

@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 #: only one relay per schema publishes at a time (keeps per-key order across instances)
 RELAY_LOCK_ID = 7243100
+_LOCKED_BATCH = """
+    WITH relay_lock AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($1) AS held)
+    SELECT seq, topic, key, value, headers FROM outbox, relay_lock
+    WHERE relay_lock.held ORDER BY seq LIMIT $2"""
 
 
 async def add_to_outbox(conn: asyncpg.Connection, topic: str,
@@ -109,11 +113,8 @@ class OutboxRelay:
     async def relay_once(self) -> int:
         """Publish one batch; return how many rows were moved."""
         async with self._pool.acquire() as conn, conn.transaction():
-            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", RELAY_LOCK_ID):
-                return 0
-            rows = await conn.fetch(
-                "SELECT seq, topic, key, value, headers FROM outbox ORDER BY seq LIMIT $1",
-                self._batch)
+            # one round trip: take the relay lock, and read a batch only if we got it
+            rows = await conn.fetch(_LOCKED_BATCH, RELAY_LOCK_ID, self._batch)
             if not rows:
                 if self.backlog:
                     self.backlog = 0
@@ -151,7 +152,10 @@ class OutboxRelay:
 
 def _publish_span(topic: str, stored: dict[str, str]) -> tuple[list[tuple[str, bytes]], Any]:
     """A PRODUCER span per relayed row, child of the context saved with the row; the record
-    carries the span's own context onwards (consumers continue from the publish)."""
+    carries the span's own context onwards (consumers continue from the publish). Without a
+    span exporter the saved headers go out as they are (see telemetry.exports_spans)."""
+    if not telemetry.exports_spans():
+        return [(k, v.encode()) for k, v in stored.items()], trace.INVALID_SPAN
     parent = propagate.extract(stored)
     span = trace.get_tracer("klm.outbox").start_span(
         f"klm.outbox.publish {topic}", context=parent, kind=SpanKind.PRODUCER,

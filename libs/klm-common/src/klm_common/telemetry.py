@@ -45,14 +45,25 @@ _current: Telemetry | None = None
 _service = "klm"
 
 
+_exports_spans = False
+
+
 def service_name() -> str:
     """``klm-<service>`` of this process once :func:`setup_telemetry` ran (else ``klm``)."""
     return _service
 
 
+def exports_spans() -> bool:
+    """Does this process send spans anywhere (OTLP or console)? When it does not, KLM's
+    per-record and per-publish spans are skipped: the records' own ``traceparent`` is passed
+    on unchanged, which keeps the trace id for downstream services at no cost (a profile
+    showed span creation at ~7 % of audit's ingest time)."""
+    return _exports_spans
+
+
 def setup_telemetry(service: str) -> Telemetry:
     """Create (once per process) the providers for ``service`` and make them global."""
-    global _current, _service  # noqa: PLW0603 - one SDK setup per process, like OTel's
+    global _current, _service, _exports_spans  # noqa: PLW0603 - one SDK setup per process
     if _current is not None:
         return _current
     _service = f"klm-{service}"
@@ -65,8 +76,10 @@ def setup_telemetry(service: str) -> Telemetry:
 
         tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+        _exports_spans = True
     if os.environ.get("KLM_OTEL_CONSOLE") == "1":
         tracer_provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        _exports_spans = True
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
     trace.set_tracer_provider(tracer_provider)
     metrics.set_meter_provider(meter_provider)
