@@ -44,5 +44,6 @@ async def bootstrap(settings: RotationSettings, metrics: RotationMetrics) -> Rot
                 topics=topics, day_seconds=settings.day_seconds,
                 dead_letters=DeadLetters(broker, topics, "rotation"), metrics=metrics,
                 on_commit=relay.wake, dispatch_batch=settings.dispatch_batch,
+                dispatch_workers=settings.dispatch_workers,
                 instance=f"klm/rotation@{os.uname().nodename}:{os.getpid()}")
     return Rotation(settings, topics, broker, producer, pool, relay, source, deps)

@@ -9,6 +9,7 @@ its dependencies (:class:`Deps`) and doing its work in one unit of work.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class Deps:
     wake_scheduler: Callable[[], None] = lambda: None
     clock: Callable[[], datetime] = now
     dispatch_batch: int = 2000
+    dispatch_workers: int = 2
     instance: str = "klm/rotation"
 
 
@@ -264,9 +266,17 @@ def _route(rows: Sequence[schedule.DueRow], keys: dict[str, InventoryKey], deps:
 
 
 async def dispatch_due(deps: Deps) -> int:
-    """Send every command that is due, a batch per transaction; return how many rows were
-    handled. Rows are claimed with SKIP LOCKED and re-armed before commit, so another
-    instance never sends the same work (and a re-send keeps the same request id)."""
+    """Send every command that is due; return how many rows were handled.
+
+    ``deps.dispatch_workers`` loops run at once, a batch per transaction each: rows are
+    claimed with SKIP LOCKED and re-armed before commit, so neither another loop nor another
+    instance sends the same work (and a re-send keeps the same request id). Several loops
+    overlap Python's work on one batch with Postgres' work on another."""
+    counts = await asyncio.gather(*(_dispatch_loop(deps) for _ in range(deps.dispatch_workers)))
+    return sum(counts)
+
+
+async def _dispatch_loop(deps: Deps) -> int:
     total = 0
     while True:
         handled = await _dispatch_batch(deps)

@@ -17,6 +17,8 @@ class RotationSettings(KlmSettings):
     schedule_poll_seconds: float = 1.0
     #: due rows claimed per transaction
     dispatch_batch: int = 2000
+    #: concurrent dispatch transactions (each claims its own rows with SKIP LOCKED)
+    dispatch_workers: int = 2
     #: keys per compliance-scan page, and the pause between full passes (default: one
     #: policy day, at most 5 minutes)
     scan_page_size: int = 1000

@@ -39,7 +39,7 @@ def key_from_row(row: asyncpg.Record) -> InventoryKey:
         created_at=row["created_at"], versions=versions, last_used_at=row["last_used_at"],
         compromised_at=row["compromised_at"], destroy_after=row["destroy_after"],
         destruction_override=row["destruction_override"],
-        rejections=json.loads(row["rejections"]))
+        rejections=json.loads(row["rejections"]) if row["rejections"] != "{}" else {})
 
 
 def key_to_row(k: InventoryKey) -> tuple[Any, ...]:
