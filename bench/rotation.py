@@ -153,7 +153,8 @@ def report(figures: list[Figures]) -> str:
     lines = [provenance(), "",
              "Find and dispatch every due rotation (`dispatch_due`: claim due rows by the "
              "`due_at` index with `FOR UPDATE SKIP LOCKED`, read the keys, decide, write "
-             "`klm.request.rotate_key` to the outbox, re-arm — committed; batches of 2,000, two concurrent transactions), "
+             "`klm.request.rotate_key` to the outbox, re-arm — committed; batches of 2,000, "
+             "two concurrent transactions), "
              "then publish them (outbox relay → Kafka, acks=all). Target: ≤ 2 s for 10,000 due.",
              "",
              "| inventory | due | find + dispatch (committed) | rate | relay to Kafka | "
