@@ -35,8 +35,13 @@ log = logging.getLogger(__name__)
 
 #: only one relay per schema publishes at a time (keeps per-key order across instances)
 RELAY_LOCK_ID = 7243100
+#: the relay's transaction only deletes rows Kafka already has: if a crash loses that commit
+#: the rows are published again and consumers drop the duplicates by event id — so it need
+#: not wait for the WAL flush (synchronous_commit off, this transaction only)
 _LOCKED_BATCH = """
-    WITH relay_lock AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($1) AS held)
+    WITH relay_lock AS MATERIALIZED (
+        SELECT pg_try_advisory_xact_lock($1) AS held,
+               set_config('synchronous_commit', 'off', true) AS no_flush_wait)
     SELECT seq, topic, key, value, headers FROM outbox, relay_lock
     WHERE relay_lock.held ORDER BY seq LIMIT $2"""
 
