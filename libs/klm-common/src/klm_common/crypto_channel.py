@@ -101,8 +101,11 @@ class CryptoChannel:
         name = re.sub(r"[^A-Za-z0-9_-]", "-", source)[:60]
         self.reply_topic = (f"{settings.topic_prefix}{REPLY_TOPIC_BASE}"
                             f"{name}-{uuid.uuid4().hex[:12]}")
+        # many concurrent calls share one producer: big batches keep the idempotent
+        # producer (one request in flight per partition) from queueing behind a 16 KiB batch
         self._producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
                                           enable_idempotence=True, acks="all", linger_ms=1,
+                                          max_batch_size=1024 * 1024,
                                           **kafka_security(settings))
         self._consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
                                           enable_auto_commit=False, fetch_max_wait_ms=20,
