@@ -166,7 +166,7 @@ class KlmClient:
         """The usage channel, started on first use (its reply topic is created then)."""
         async with self._crypto_lock:
             if self._crypto is None:
-                channel = CryptoChannel(self._settings, self._source, min(self._timeout, 10.0))
+                channel = CryptoChannel(self._settings, self._source, self._timeout)
                 await channel.start()
                 self._crypto = channel
             return self._crypto
