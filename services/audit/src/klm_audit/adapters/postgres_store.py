@@ -35,14 +35,18 @@ _COLUMNS = ("sequence", "event_id", "type", "subject", "key_version", "source", 
             "canonical", "prev_hash", "hash")
 _CHECKPOINT_COLUMNS = ("log_sequence", "event_id", "sequence", "head_hash", "signed_at",
                        "algorithm", "signature", "public_key", "signing_key_id")
+# the key's rows (subject index), then the requests they answer (event_id index) that are
+# not the key's rows already; UNION ALL: no sort-and-compare of whole rows
 _HISTORY = """
-WITH k AS (SELECT * FROM audit_log WHERE subject = $1)
-SELECT sequence, event_id, type, subject, key_version, source, tenant, correlation_id,
-       occurred_at, recorded_at, canonical, prev_hash, hash FROM k
-UNION
 SELECT sequence, event_id, type, subject, key_version, source, tenant, correlation_id,
        occurred_at, recorded_at, canonical, prev_hash, hash FROM audit_log
- WHERE event_id IN (SELECT correlation_id FROM k WHERE correlation_id IS NOT NULL)
+ WHERE subject = $1
+UNION ALL
+SELECT sequence, event_id, type, subject, key_version, source, tenant, correlation_id,
+       occurred_at, recorded_at, canonical, prev_hash, hash FROM audit_log
+ WHERE event_id IN (SELECT correlation_id FROM audit_log
+                     WHERE subject = $1 AND correlation_id IS NOT NULL)
+   AND subject IS DISTINCT FROM $1
 ORDER BY sequence"""
 
 _EVENTS = """
@@ -86,6 +90,9 @@ class PostgresAppendTx:
         return {r["subject"]: r["tenant"] for r in rows}
 
     async def tenants_of(self, event_ids: Iterable[str]) -> dict[str, str | None]:
+        event_ids = list(event_ids)
+        if not event_ids:
+            return {}
         rows = await self._conn.fetch(
             "SELECT event_id, tenant FROM audit_log WHERE event_id = ANY($1::text[])",
             list(event_ids))

@@ -23,7 +23,7 @@ class Origin:
     offset: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built once per ingested event, on the hot path
 class PendingEntry:
     """An event accepted for the log, before it gets its sequence and hash."""
 
@@ -81,9 +81,9 @@ def owner_of(data: dict[str, Any]) -> str | None:
 
 
 def pending_entry(event: CloudEvent, canonical: bytes, origin: Origin,
-                  tenant: str | None) -> PendingEntry:
+                  tenant: str | None, key_id: str | None = None) -> PendingEntry:
     return PendingEntry(
-        event_id=event.id, type=event.type, subject=key_id_of(event),
+        event_id=event.id, type=event.type, subject=key_id or key_id_of(event),
         key_version=version_of(event.data), source=event.source, tenant=tenant,
         correlation_id=event.correlationid, occurred_at=event.time, canonical=canonical,
         origin=origin)

@@ -8,13 +8,19 @@ not part of it: they follow the log on their own position (:mod:`klm_audit.proje
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from klm_audit.domain.checkpoints import Checkpoint, checkpoint_of
 from klm_audit.domain.entries import Origin, PendingEntry, key_id_of, owner_of, pending_entry
-from klm_audit.domain.hash_chain import link_hash
 from klm_common.envelope import CloudEvent
+from klm_common.events import AuditCheckpoint
+
+CHECKPOINT_EVENT = AuditCheckpoint.event_type
+#: ``link_hash`` of :mod:`klm_audit.domain.hash_chain`, inlined in the ingest loop
+_U64 = struct.Struct(">Q")
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,7 +32,7 @@ class Accepted:
     origin: Origin
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per ingested event, on the hot path
 class Sealed:
     """A pending entry with its place in the chain."""
 
@@ -67,26 +73,39 @@ def fresh(batch: Sequence[Accepted], stored_ids: set[str]) -> list[Accepted]:
 
 def plan_append(batch: Sequence[Accepted], head: ChainHead, owners: Mapping[str, str | None],
                 tenants_by_event: Mapping[str, str | None]) -> AppendPlan:
-    """Seal ``batch`` (already fresh) after ``head``; ``owners`` maps key ids to tenants."""
+    """Seal ``batch`` (already fresh) after ``head``; ``owners`` maps key ids to tenants.
+
+    The hot loop of ingest: one SHA-256 (``link_hash`` inlined) and one entry per event."""
     plan = AppendPlan()
-    known_owners = dict(owners)
-    tenants = dict(tenants_by_event)
+    sealed, known_owners, tenants = plan.sealed, dict(owners), dict(tenants_by_event)
+    sha256, pack = hashlib.sha256, _U64.pack
     sequence, prev = head.sequence, head.hash
     for item in batch:
-        tenant = resolve_tenant(item.event, known_owners, tenants)
-        tenants[item.event.id] = tenant
-        key_id = key_id_of(item.event)
-        if key_id is not None and tenant is not None:
-            known_owners.setdefault(key_id, tenant)
+        event = item.event
+        key_id = key_id_of(event)
+        tenant = owner_of(event.data) or _known_tenant(event, key_id, known_owners, tenants)
+        tenants[event.id] = tenant
+        if key_id is not None and tenant is not None and key_id not in known_owners:
+            known_owners[key_id] = tenant
         sequence += 1
-        digest = link_hash(prev, sequence, item.canonical)
-        plan.sealed.append(Sealed(pending_entry(item.event, item.canonical, item.origin, tenant),
-                                  sequence, prev, digest))
+        digest = sha256(prev + pack(sequence) + item.canonical).digest()
+        sealed.append(Sealed(pending_entry(event, item.canonical, item.origin, tenant, key_id),
+                             sequence, prev, digest))
         prev = digest
-        checkpoint = checkpoint_of(item.event, sequence)
-        if checkpoint is not None:
-            plan.checkpoints.append(checkpoint)
+        if event.type == CHECKPOINT_EVENT:
+            checkpoint = checkpoint_of(event, sequence)
+            if checkpoint is not None:
+                plan.checkpoints.append(checkpoint)
     return plan
+
+
+def _known_tenant(event: CloudEvent, key_id: str | None, owners: Mapping[str, str | None],
+                  tenants_by_event: Mapping[str, str | None]) -> str | None:
+    if key_id is not None and owners.get(key_id) is not None:
+        return owners[key_id]
+    if event.correlationid is not None:
+        return tenants_by_event.get(event.correlationid)
+    return None
 
 
 def resolve_tenant(event: CloudEvent, owners: Mapping[str, str | None],
@@ -96,15 +115,8 @@ def resolve_tenant(event: CloudEvent, owners: Mapping[str, str | None],
     ``None`` means no tenant (dead letters, checkpoints, requests for unknown keys): only
     principals without a tenant scope see those.
     """
-    owner = owner_of(event.data)
-    if owner is not None:
-        return owner
-    key_id = key_id_of(event)
-    if key_id is not None and owners.get(key_id) is not None:
-        return owners[key_id]
-    if event.correlationid is not None:
-        return tenants_by_event.get(event.correlationid)
-    return None
+    return owner_of(event.data) or _known_tenant(event, key_id_of(event), owners,
+                                                 tenants_by_event)
 
 
 def keys_without_owner(batch: Sequence[Accepted]) -> set[str]:

@@ -28,12 +28,12 @@ from klm_audit.entrypoints.auth import (
 )
 from klm_audit.entrypoints.schemas import (
     CheckpointOut,
-    EventOut,
     EventsPage,
     HistoryOut,
     KeyOut,
     KeysPage,
     VerifyOut,
+    events_json,
 )
 from klm_audit.projection import caught_up
 from klm_audit.verification import verify_store
@@ -93,13 +93,13 @@ async def _visible_key(request: Request, audit: Audit, key_id: str,
 
 @router.get("/keys/{key_id}/history", response_model=HistoryOut)
 async def key_history(request: Request, key_id: KeyIdPath,
-                      principal: Reader) -> HistoryOut:
+                      principal: Reader) -> Response:
     """The key's events, and the requests that caused them, in sequence order."""
     audit = audit_of(request)
     entries = await audit.store.history(key_id, scope_of(principal))
     if not entries:
         await _visible_key(request, audit, key_id, principal)
-    return HistoryOut(key_id=key_id, events=[EventOut.of(e) for e in entries])
+    return Response(events_json(entries, key_id=key_id), media_type="application/json")
 
 
 @router.get("/keys/{key_id}", response_model=KeyOut)
@@ -140,14 +140,15 @@ async def keys(request: Request, *, state: Text = None, algorithm: Text = None,
 async def events(request: Request, *, type: Text = None, subject: Text = None,
                  actor: Text = None, since: datetime | None = None,
                  until: datetime | None = None, limit: Limit = 100, cursor: Text = None,
-                 principal: Reader) -> EventsPage:
+                 principal: Reader) -> Response:
     """Events in sequence order (stable); ``actor`` is the envelope's ``source``."""
     filters = EventFilter(type=type, subject=subject, source=actor, since=_aware(since),
                           until=_aware(until), after_sequence=_sequence_cursor(cursor),
                           limit=limit)
     entries = await audit_of(request).store.events(filters, scope_of(principal))
     next_cursor = _encode_cursor(str(entries[-1].sequence)) if len(entries) == limit else None
-    return EventsPage(events=[EventOut.of(e) for e in entries], next_cursor=next_cursor)
+    return Response(events_json(entries, next_cursor=next_cursor),
+                    media_type="application/json")
 
 
 @router.get("/audit/verify", response_model=VerifyOut)

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
+from pydantic_core import to_json
 
 from klm_audit.domain.checkpoints import Checkpoint
 from klm_audit.domain.entries import StoredEntry
@@ -40,6 +41,25 @@ class EventOut(BaseModel):
             correlation_id=entry.correlation_id, time=entry.occurred_at,
             recorded_at=entry.recorded_at, prev_hash=entry.prev_hash.hex(),
             hash=entry.hash.hex(), event=json.loads(entry.canonical))
+
+
+def event_json(entry: StoredEntry) -> bytes:
+    """One :class:`EventOut` as JSON, with the stored canonical bytes spliced in as
+    ``event`` — no parse and re-serialisation of the event per row (the hot path of history
+    and event pages; the canonical JSON is valid JSON by construction)."""
+    meta = to_json({
+        "sequence": entry.sequence, "id": entry.event_id, "type": entry.type,
+        "subject": entry.subject, "key_version": entry.key_version, "source": entry.source,
+        "tenant": entry.tenant, "correlation_id": entry.correlation_id,
+        "time": entry.occurred_at, "recorded_at": entry.recorded_at,
+        "prev_hash": entry.prev_hash.hex(), "hash": entry.hash.hex()})
+    return meta[:-1] + b',"event":' + entry.canonical + b"}"
+
+
+def events_json(entries: list[StoredEntry], **fields: object) -> bytes:
+    """``{**fields, "events": [...]}`` as JSON (the body of HistoryOut and EventsPage)."""
+    head = to_json(fields)[:-1] + (b',"events":[' if fields else b'"events":[')
+    return head + b",".join(event_json(e) for e in entries) + b"]}"
 
 
 class HistoryOut(BaseModel):
