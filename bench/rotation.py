@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import time
 import uuid
@@ -150,7 +151,9 @@ async def measure(keys: int, due: int) -> Figures:
 
 
 def report(figures: list[Figures]) -> str:
-    lines = [provenance(), "",
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    lines = [provenance() + f"- load average when the report was written: {load} "
+             "(the machine is shared; CPU contention inflates every figure)", "",
              "Find and dispatch every due rotation (`dispatch_due`: claim due rows by the "
              "`due_at` index with `FOR UPDATE SKIP LOCKED`, read the keys, decide, write "
              "`klm.request.rotate_key` to the outbox, re-arm — committed; batches of 2,000, "

@@ -95,7 +95,8 @@ def _age(key: InventoryKey, policy: CryptoPolicy, rule: Rule | None, now: dateti
     if age > period:
         found.append(Finding("cryptoperiod_exceeded", "medium", where, evidence))
     grace = days(policy.defaults.overdue_grace_days, day_seconds)
-    if key.origin == "klm" and rule.rotation == "automatic" and age > period + grace:
+    rotatable = key.origin == "klm" and key.state == "active" and rule.rotation == "automatic"
+    if rotatable and age > period + grace:
         found.append(Finding("rotation_overdue", "high", where,
                              {**evidence, "grace_days": policy.defaults.overdue_grace_days}))
     return found
