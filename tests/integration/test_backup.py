@@ -318,9 +318,8 @@ async def test_drill_passes_then_catches_a_corrupted_blob(
 
 
 async def test_drills_also_run_on_a_schedule(events: EventLog) -> None:
-    [scheduled] = await events.wait_for(lambda e: e.type == "klm.backup.drill_completed"
-                                        and e.source == "klm/backup"
-                                        and e.data["sampled"] == 5, timeout=60)
+    scheduled = (await events.wait_for(lambda e: e.type == "klm.backup.drill_completed"
+                                       and e.data["sampled"] == 5, timeout=60))[0]
     assert scheduled.data["passed"] + scheduled.data["failed"] == 5
 
 

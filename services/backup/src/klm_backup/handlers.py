@@ -60,8 +60,10 @@ from klm_common.topics import Topics
 
 log = logging.getLogger(__name__)
 SOURCE = "klm/backup"
-#: versions per restore/check command (records stay far below the 256 KiB envelope limit)
+#: versions per restore/check command and per wrap command: the replies (metadata + blob,
+#: up to ~3 KiB a version for RSA-4096) stay far below the 256 KiB envelope limit
 CHUNK = 50
+WRAP_CHUNK = 50
 
 
 class KeyDestroyedError(KlmError):
@@ -148,48 +150,52 @@ async def handle_lifecycle(records: Sequence[ConsumerRecord[bytes, bytes]], deps
 
 async def apply_lifecycle(unit: Unit, events: list[CloudEvent], deps: Deps) -> None:
     wraps: list[VersionRef] = []
+    public_only: list[tuple[CloudEvent, StoredBackup]] = []
     for event in events:
         if event.type == KeyGenerated.event_type:
-            await on_generated(unit, event, deps, wraps)
+            await on_generated(unit, event, deps, wraps, public_only)
         elif event.type == KeyRotated.event_type:
-            await on_rotated(unit, event, deps, wraps)
+            await on_rotated(unit, event, deps, wraps, public_only)
         elif event.type == KeyDestroyed.event_type:
             await on_destroyed(unit, event, deps)
         elif isinstance(event.data.get("key_id"), str) and isinstance(
                 event.data.get("state"), str) and isinstance(event.data.get("owner"), str):
-            await unit.upsert_key(event.data["key_id"], event.data["owner"],
-                                  event.data["state"], None)
-    for start in range(0, len(wraps), 500):
-        chunk = wraps[start:start + 500]
-        await unit.emit(deps.topics.backup_commands,
-                        [command(WrapForBackup.event_type, WrapForBackup(versions=chunk))])
+            unit.note_key(event.data["key_id"], event.data["owner"], event.data["state"], None)
+    for cause, stored in public_only:
+        await _store(unit, deps, [stored], cause, announce_all=False)
+    await unit.emit(deps.topics.backup_commands, [
+        command(WrapForBackup.event_type, WrapForBackup(versions=wraps[i:i + WRAP_CHUNK]))
+        for i in range(0, len(wraps), WRAP_CHUNK)])
 
 
-async def on_generated(unit: Unit, event: CloudEvent, deps: Deps,
-                       wraps: list[VersionRef]) -> None:
+async def on_generated(unit: Unit, event: CloudEvent, deps: Deps, wraps: list[VersionRef],
+                       public_only: list[tuple[CloudEvent, StoredBackup]]) -> None:
     fact = KeyGenerated.model_validate(event.data)
-    await unit.upsert_key(fact.key_id, fact.owner, fact.state, fact.version,
-                          fact.model_dump(mode="json"))
-    await _back_up_version(unit, event, deps, wraps, fact, fact.version,
-                           fact.public_key_pem, fact.kcv, fact.created_at, fact.state)
+    unit.note_key(fact.key_id, fact.owner, fact.state, fact.version,
+                  fact.model_dump(mode="json"))
+    _back_up_version(event, deps, wraps, public_only, fact, fact.version,
+                     fact.public_key_pem, fact.kcv, fact.created_at, fact.state)
 
 
-async def on_rotated(unit: Unit, event: CloudEvent, deps: Deps,
-                     wraps: list[VersionRef]) -> None:
+async def on_rotated(unit: Unit, event: CloudEvent, deps: Deps, wraps: list[VersionRef],
+                     public_only: list[tuple[CloudEvent, StoredBackup]]) -> None:
     fact = KeyRotated.model_validate(event.data)
-    await unit.upsert_key(fact.key_id, fact.owner, fact.state, fact.version)
+    unit.note_key(fact.key_id, fact.owner, fact.state, fact.version)
     key = await unit.key(fact.key_id)
     generated = KeyGenerated.model_validate(key.generated) if key and key.generated else None
     if generated is None:  # generated before we listened: decide when keygen's reply comes
         wraps.append(VersionRef(key_id=fact.key_id, version=fact.version))
         return
-    await _back_up_version(unit, event, deps, wraps, generated, fact.version,
-                           fact.public_key_pem, fact.kcv, fact.created_at, "active")
+    _back_up_version(event, deps, wraps, public_only, generated, fact.version,
+                     fact.public_key_pem, fact.kcv, fact.created_at, "active")
 
 
-async def _back_up_version(unit: Unit, event: CloudEvent, deps: Deps, wraps: list[VersionRef],
-                           key: KeyGenerated, version: int, public_pem: str | None,
-                           kcv: str | None, created_at: Any, version_state: str) -> None:
+def _back_up_version(event: CloudEvent, deps: Deps, wraps: list[VersionRef],
+                     public_only: list[tuple[CloudEvent, StoredBackup]], key: KeyGenerated,
+                     version: int, public_pem: str | None, kcv: str | None, created_at: Any,
+                     version_state: str) -> None:
+    """A wrap to ask keygen for, or — policy forbids backing up the private half — a
+    public-only backup made from the fact alone."""
     reason = skip_reason(key.algorithm, key.usages, key.labels)
     if reason is None:
         wraps.append(VersionRef(key_id=key.key_id, version=version))
@@ -200,8 +206,7 @@ async def _back_up_version(unit: Unit, event: CloudEvent, deps: Deps, wraps: lis
         protection=key.protection, policy=key.policy, profile=key.profile, labels=key.labels,
         key_created_at=key.created_at, version_state=version_state,
         version_created_at=created_at, public_der_b64=_pem_to_der_b64(public_pem), kcv=kcv)
-    await _store(unit, deps, [StoredBackup.seal(deps.tag_key, material, reason)], event,
-                 key.state, announce_all=False)
+    public_only.append((event, StoredBackup.seal(deps.tag_key, material, reason)))
 
 
 def _pem_to_der_b64(pem: str | None) -> str | None:
@@ -214,7 +219,7 @@ def _pem_to_der_b64(pem: str | None) -> str | None:
 
 async def on_destroyed(unit: Unit, event: CloudEvent, deps: Deps) -> None:
     fact = KeyDestroyed.model_validate(event.data)
-    await unit.upsert_key(fact.key_id, fact.owner, fact.state, None)
+    unit.note_key(fact.key_id, fact.owner, fact.state, None)
     gone = await unit.shred(fact.key_id, event.id)
     evidence = BackupShredded(key_id=fact.key_id, owner=fact.owner,
                               versions=[b.version for b in gone],
@@ -228,18 +233,18 @@ async def on_destroyed(unit: Unit, event: CloudEvent, deps: Deps) -> None:
 
 
 async def _store(unit: Unit, deps: Deps, backups: Sequence[StoredBackup], cause: CloudEvent,
-                 state: str | None, announce_all: bool) -> None:
+                 announce_all: bool) -> None:
     """Insert the backups and, in the same transaction, queue their ``klm.key.backed_up``
     (for rows inserted now — or for all when the cause is a request awaiting its answer)."""
     inserted = await unit.insert_backups(backups)
+    states = await unit.states([b.key_id for b in backups])
     facts = []
     for b in backups:
         if b.backup_id not in inserted and not announce_all:
             continue
         material = BackupMaterial.model_validate_json(b.metadata)
-        key = await unit.key(b.key_id)
         fact = KeyBackedUp(key_id=b.key_id, owner=material.owner,
-                           state=(key.state if key else state) or material.version_state,
+                           state=states.get(b.key_id, material.version_state),
                            version=b.version, backup_id=b.backup_id,
                            skipped=b.skip_reason is not None, skip_reason=b.skip_reason)
         facts.append(answer(KeyBackedUp.event_type, fact, cause,
@@ -279,7 +284,7 @@ async def on_wrapped(unit: Unit, reply: CloudEvent, data: VersionsWrapped, deps:
             for m in data.materials if m.key_id not in destroyed]
     # the command came from a backup_key request iff it had a correlation of its own
     for_request = reply.correlationid not in (None, reply.causationid)
-    await _store(unit, deps, rows, reply, None, announce_all=for_request)
+    await _store(unit, deps, rows, reply, announce_all=for_request)
     for failure in data.failures:
         deps.metrics.failed.add(1)
         log.warning("keygen could not wrap %s#%d for backup: %s %s", failure.key_id,
@@ -446,7 +451,7 @@ async def backup_key(unit: Unit, request: CloudEvent, data: BackupKey, deps: Dep
     version = data.version or key.primary_version
     stored = await unit.backups_of(data.key_id, version)
     if stored:
-        await _store(unit, deps, stored, request, key.state, announce_all=True)
+        await _store(unit, deps, stored, request, announce_all=True)
         return
     await unit.emit(deps.topics.backup_commands, [command(
         WrapForBackup.event_type,

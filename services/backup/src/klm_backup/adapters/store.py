@@ -54,6 +54,7 @@ class Unit:
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
+        self._keys: list[tuple[str, str, str, int | None, str | None]] = []
 
     async def claim(self, event_ids: Sequence[str]) -> set[str]:
         return await inbox.claim(self.conn, event_ids)
@@ -62,20 +63,34 @@ class Unit:
         await add_to_outbox(self.conn, topic, events)
 
     # ---- keys ---------------------------------------------------------------------------
-    async def upsert_key(self, key_id: str, owner: str, state: str, primary_version: int | None,
-                         generated: dict[str, Any] | None = None) -> None:
-        await self.conn.execute(
-            """INSERT INTO backup_keys (key_id, owner, state, primary_version, generated)
-               VALUES ($1, $2, $3, coalesce($4, 1), $5)
-               ON CONFLICT (key_id) DO UPDATE
-                  SET state = EXCLUDED.state,
-                      primary_version = coalesce($4, backup_keys.primary_version),
-                      generated = coalesce(EXCLUDED.generated, backup_keys.generated),
-                      updated_at = now()""",
-            key_id, owner, state, primary_version,
-            json.dumps(generated) if generated is not None else None)
+    def note_key(self, key_id: str, owner: str, state: str, primary_version: int | None,
+                 generated: dict[str, Any] | None = None) -> None:
+        """Queue what a fact says about a key; written by :meth:`flush_keys` (one round trip
+        per batch), which every read of ``backup_keys`` calls first."""
+        self._keys.append((key_id, owner, state, primary_version,
+                           json.dumps(generated) if generated is not None else None))
+
+    async def flush_keys(self) -> None:
+        rows, self._keys = self._keys, []
+        if rows:
+            await self.conn.executemany(
+                """INSERT INTO backup_keys (key_id, owner, state, primary_version, generated)
+                   VALUES ($1, $2, $3, coalesce($4, 1), $5)
+                   ON CONFLICT (key_id) DO UPDATE
+                      SET state = EXCLUDED.state,
+                          primary_version = coalesce($4, backup_keys.primary_version),
+                          generated = coalesce(EXCLUDED.generated, backup_keys.generated),
+                          updated_at = now()""", rows)
+
+    async def states(self, key_ids: Sequence[str]) -> dict[str, str]:
+        await self.flush_keys()
+        rows = await self.conn.fetch(
+            "SELECT key_id, state FROM backup_keys WHERE key_id = ANY($1::text[])",
+            list(key_ids))
+        return {r["key_id"]: r["state"] for r in rows}
 
     async def key(self, key_id: str) -> KeyRow | None:
+        await self.flush_keys()
         r = await self.conn.fetchrow("SELECT * FROM backup_keys WHERE key_id = $1", key_id)
         if r is None:
             return None
@@ -114,6 +129,7 @@ class Unit:
 
     async def live_backups(self) -> list[tuple[StoredBackup, KeyRow | None]]:
         """Every backup of a key not destroyed, with what backup knows of its key."""
+        await self.flush_keys()
         rows = await self.conn.fetch(
             f"""SELECT b.{_BACKUP_COLUMNS.replace(', ', ', b.')},
                        k.owner, k.state, k.primary_version
@@ -193,7 +209,9 @@ class PgBackupStore:
     async def unit(self) -> AsyncIterator[Unit]:
         try:
             async with self._pool.acquire() as conn, conn.transaction():
-                yield Unit(conn)
+                unit = Unit(conn)
+                yield unit
+                await unit.flush_keys()
         except _UNREACHABLE as exc:
             raise StoreUnavailable(f"backup store unreachable: {type(exc).__name__}") from exc
 
