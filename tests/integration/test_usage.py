@@ -28,6 +28,7 @@ from klm_common.events import (
 )
 from klm_common.settings import KlmSettings
 from klm_common.topics import Topics
+from tests.integration.conftest import REPO, settings_for
 from tests.integration.harness import EventLog, ServiceProcess, publish
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -36,12 +37,47 @@ OWNER = "usage-tests"
 DAY_SECONDS = "0.2"
 
 
+# This module runs its keygen on topics of its own (the session prefix + "usage."): another
+# module's keygen, still running in the same pytest session with other settings (policy
+# day, summary interval), cannot take a share of these requests. Database and token are
+# the session's.
 @pytest.fixture(scope="module")
-def keygen(start_service: Any) -> Iterator[ServiceProcess]:
-    proc: ServiceProcess = start_service("keygen", KLM_USAGE_SUMMARY_SECONDS="1",
-                                         KLM_DAY_SECONDS=DAY_SECONDS)
+def settings(klm_env: dict[str, str]) -> KlmSettings:
+    return settings_for({**klm_env, "KLM_TOPIC_PREFIX": klm_env["KLM_TOPIC_PREFIX"] + "usage."})
+
+
+@pytest.fixture(scope="module")
+def topics(settings: KlmSettings) -> Topics:
+    return Topics(settings.topic_prefix)
+
+
+@pytest.fixture(scope="module")
+def keygen(klm_env: dict[str, str], settings: KlmSettings,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    env = {**klm_env, "KLM_TOPIC_PREFIX": settings.topic_prefix,
+           "KLM_USAGE_SUMMARY_SECONDS": "1", "KLM_DAY_SECONDS": DAY_SECONDS}
+    proc = ServiceProcess("keygen", REPO, env, tmp_path_factory.mktemp("usage-logs"))
+    proc.start()
     yield proc
     proc.terminate()
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def lifecycle(keygen: ServiceProcess, settings: KlmSettings,
+                    topics: Topics) -> AsyncIterator[EventLog]:
+    log = EventLog(settings.kafka_bootstrap, topics.lifecycle)
+    await log.start()
+    yield log
+    await log.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def dlq(keygen: ServiceProcess, settings: KlmSettings,
+              topics: Topics) -> AsyncIterator[EventLog]:
+    log = EventLog(settings.kafka_bootstrap, topics.dlq)
+    await log.start()
+    yield log
+    await log.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
@@ -253,13 +289,17 @@ async def test_uses_are_summarised_per_key_and_interval(klm: KlmClient, lifecycl
     summaries = await lifecycle.wait_for(
         lambda e: e.type == "klm.key.usage_summary" and e.subject == key["key_id"],
         timeout=90)
-    await asyncio.sleep(2.5)  # a later interval may hold the rest
-    summaries = lifecycle.matching(
-        lambda e: e.type == "klm.key.usage_summary" and e.subject == key["key_id"])
     ops: dict[str, int] = {}
-    for s in summaries:
-        for op, n in s.data["operations"].items():
-            ops[op] = ops.get(op, 0) + n
+    for _ in range(20):  # a later interval may hold the rest
+        summaries = lifecycle.matching(
+            lambda e: e.type == "klm.key.usage_summary" and e.subject == key["key_id"])
+        ops = {}
+        for s in summaries:
+            for op, n in s.data["operations"].items():
+                ops[op] = ops.get(op, 0) + n
+        if sum(ops.values()) >= 6:
+            break
+        await asyncio.sleep(0.5)
     assert ops == {"mac": 5, "mac_verify": 1}
     assert len(summaries) <= 6  # aggregated, not one event per operation
     conn = await asyncpg.connect(settings.admin_dsn())
