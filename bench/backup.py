@@ -262,9 +262,13 @@ def report(f: Figures) -> str:
     ])
 
 
-async def main(keys: int, write: bool) -> None:
-    with tempfile.TemporaryDirectory(prefix="bench-backup-logs-") as logs:
-        figures = await measure(keys, Path(logs))
+async def main(keys: int, write: bool, logs: Path | None) -> None:
+    if logs is not None:
+        await asyncio.to_thread(logs.mkdir, parents=True, exist_ok=True)
+        figures = await measure(keys, logs)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-backup-logs-") as folder:
+            figures = await measure(keys, Path(folder))
     body = report(figures)
     print(body)
     if write:
@@ -275,5 +279,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", type=int, default=10_000)
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--logs", type=Path, help="keep the services' logs in this folder")
     args = parser.parse_args()
-    asyncio.run(main(args.keys, not args.no_write))
+    asyncio.run(main(args.keys, not args.no_write, args.logs))
