@@ -172,6 +172,8 @@ async def test_metric_names_present_after_a_small_workload(
                if line and not line.startswith("#")}
     klm_names = {n for n in exposed if n.startswith("klm_")}
     assert klm_names <= prometheus_names(), klm_names - prometheus_names()
+    # audit answers no request (no klm_requests_total there): its own figures
+    await scrape_until(services["audit"], ["klm_audit_chain_head ", "klm_consumer_lag{"])
     # the same instruments reach an OTLP collector under their semantic-convention names
     wanted = {"klm.requests", "klm.request.duration", "klm.outbox.published",
               "klm.hsm.operation.duration"}

@@ -18,6 +18,7 @@ from klm_audit.checkpointing import Checkpointer
 from klm_audit.denials import DenialRecorder
 from klm_audit.ports import AuditStore, TokenStore
 from klm_audit.projection import Projector
+from klm_common import metrics as klm_metrics
 from klm_common.db import create_pool
 from klm_common.envelope import CloudEvent
 from klm_common.kafka import make_broker, subscriber_options
@@ -122,5 +123,7 @@ def _consumer(settings: KlmSettings, audit: Audit) -> KafkaBroker:
             audit.metrics.stored.add(result.stored)
             audit.metrics.duplicates.add(result.duplicates)
             audit.metrics.skipped.add(skipped)
+        if result.head is not None:  # the ops dashboard's chain head (klm_common.metrics)
+            klm_metrics.set_gauge(klm_metrics.AUDIT_CHAIN_HEAD, result.head.sequence)
 
     return broker

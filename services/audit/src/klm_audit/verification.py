@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from klm_audit.domain.checkpoints import Checkpoint, check_checkpoints
 from klm_audit.domain.hash_chain import ChainVerifier
 from klm_audit.ports import AuditStore
+from klm_common import metrics as klm_metrics
 
 #: rows per fetch; the next chunk is fetched while this one is hashed
 CHUNK = 50_000
@@ -56,6 +57,7 @@ async def verify_store(store: AuditStore, chunk: int = CHUNK, *, columns: bool =
                                 trusted_keys)
     if failure is not None:
         return _failed(verifier, failure.sequence, failure.reason, checkpoints)
+    klm_metrics.set_gauge(klm_metrics.AUDIT_VERIFICATION_RESULT, 1)  # ops dashboard
     return Verification(True, verifier.checked, verifier.head_sequence, verifier.head_hash,
                         **_checkpoint_summary(checkpoints))
 
@@ -86,5 +88,6 @@ def _checkpoint_summary(checkpoints: list[Checkpoint]) -> dict[str, object]:
 
 def _failed(verifier: ChainVerifier, sequence: int, reason: str,
             checkpoints: list[Checkpoint] | None = None) -> Verification:
+    klm_metrics.set_gauge(klm_metrics.AUDIT_VERIFICATION_RESULT, 0)  # ops dashboard
     return Verification(False, verifier.checked, verifier.head_sequence, verifier.head_hash,
                         sequence, reason, **_checkpoint_summary(checkpoints or []))
