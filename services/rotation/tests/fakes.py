@@ -24,7 +24,6 @@ class Row:
     planned_at: datetime
     due_at: datetime
     reason: str
-    request_id: str | None = None
     attempts: int = 0
 
 
@@ -68,29 +67,19 @@ class FakeTx:
             self.s.schedule[(key_id, due.kind, due.version)] = Row(
                 due.planned_at, due.planned_at, due.reason)
 
-    async def rows_for_requests(self, request_ids: Sequence[str]) -> dict[str, RowId]:
-        return {row.request_id: rid for rid, row in self.s.schedule.items()
-                if row.request_id in request_ids}
-
-    async def claim_due(self, now: datetime, limit: int) -> list[DueRow]:
+    async def claim_due(self, now: datetime, limit: int, rearm_at: datetime) -> list[DueRow]:
         due = sorted((row.due_at, rid) for rid, row in self.s.schedule.items()
                      if row.due_at <= now)[:limit]
+        for _, rid in due:
+            self.s.schedule[rid].due_at = rearm_at
+            self.s.schedule[rid].attempts += 1
         return [DueRow(rid[0], rid[1], rid[2], self.s.schedule[rid].planned_at,
                        self.s.schedule[rid].reason) for _, rid in due]
 
-    async def rearm(self, rows: Sequence[tuple[RowId, str | None]], due_at: datetime) -> None:
-        for rid, request_id in rows:
-            row = self.s.schedule.get(rid)
-            if row is None:  # like an UPDATE that matches nothing
-                continue
-            row.due_at, row.attempts = due_at, row.attempts + 1
-            row.request_id = request_id or row.request_id
-
-    async def retry(self, rows: Sequence[RowId], due_at: datetime) -> None:
+    async def postpone(self, rows: Sequence[RowId], due_at: datetime) -> None:
         for rid in rows:
-            if rid in self.s.schedule:
+            if rid in self.s.schedule:  # like an UPDATE that matches nothing
                 self.s.schedule[rid].due_at = due_at
-                self.s.schedule[rid].request_id = None
 
     async def delete_rows(self, rows: Sequence[RowId]) -> None:
         await self.write_schedule([], rows)

@@ -145,16 +145,18 @@ class Projection:
     """What one batch of facts did to the inventory, before it is written."""
 
     keys: dict[str, InventoryKey]
-    rejected: dict[str, RowId]
+    planned: dict[RowId, datetime]
     touched: dict[str, InventoryKey] = field(default_factory=dict)
     retries: list[RowId] = field(default_factory=list)
     records: list[CloudEvent] = field(default_factory=list)
 
     def refused(self, event: CloudEvent, data: RequestRejected, deps: Deps) -> None:
-        """Keygen refused one of our commands: count it once, retry it later."""
-        row = self.rejected.pop(event.correlationid or "", None)
-        key = self.keys.get(row[0]) if row else None
-        if row is None or key is None:
+        """Keygen refused one of our commands: count it once, retry it later under a new id
+        (a refused command did not happen, so the new one cannot double it)."""
+        key = self.keys.get(data.key_id or event.subject or "")
+        row = key and schedule.refused_work(key, self.planned, event.correlationid or "",
+                                            data.request_type)
+        if key is None or not row:
             return
         self.keys[key.key_id] = self.touched[key.key_id] = note_rejection(key, row[1], row[2])
         self.retries.append(row)
@@ -172,13 +174,18 @@ class Projection:
             self.records += [record] if record else []
 
 
+def _subject(event: CloudEvent, data: EventData) -> str | None:
+    if isinstance(data, RequestRejected):
+        return data.key_id or event.subject
+    return event.subject
+
+
 async def project(tx: Tx, facts: Sequence[tuple[CloudEvent, EventData]], deps: Deps) -> None:
     """Apply facts to the inventory, then re-plan and reassess the keys they changed."""
     policy, day = deps.policy.policy, deps.day_seconds
-    rejected = await tx.rows_for_requests(
-        [e.correlationid for e, d in facts if isinstance(d, RequestRejected) and e.correlationid])
-    subjects = [e.subject for e, d in facts if e.subject and not isinstance(d, RequestRejected)]
-    batch = Projection(await tx.load_keys(subjects + [r[0] for r in rejected.values()]), rejected)
+    keys = await tx.load_keys([k for e, d in facts if (k := _subject(e, d))])
+    refused = [k for e, d in facts if isinstance(d, RequestRejected) and (k := _subject(e, d))]
+    batch = Projection(keys, await tx.planned(refused) if refused else {})
     for event, data in facts:
         if isinstance(data, RequestRejected):
             batch.refused(event, data, deps)
@@ -187,8 +194,8 @@ async def project(tx: Tx, facts: Sequence[tuple[CloudEvent, EventData]], deps: D
     changed = sorted(batch.touched.values(), key=lambda k: k.key_id)
     await tx.save_keys(changed)
     await reconcile(tx, changed, policy, day)
-    await tx.retry(batch.retries,
-                   deps.clock() + schedule.days(policy.defaults.redispatch_days, day))
+    await tx.postpone(batch.retries,
+                      deps.clock() + schedule.days(policy.defaults.redispatch_days, day))
     changes = compliance.Changes(events=batch.records)
     await assess(tx, changed, deps, changes)
     await _publish_findings(tx, deps, changes)
@@ -234,9 +241,7 @@ async def import_observed_key(records: Sequence[ConsumerRecord[bytes, bytes]],
 class Dispatch:
     to_requests: list[CloudEvent] = field(default_factory=list)
     to_commands: list[CloudEvent] = field(default_factory=list)
-    sent: list[tuple[RowId, str | None]] = field(default_factory=list)
-    later: list[tuple[RowId, str | None]] = field(default_factory=list)
-    held: list[tuple[RowId, str | None]] = field(default_factory=list)
+    held: list[RowId] = field(default_factory=list)
     dropped: list[RowId] = field(default_factory=list)
     assess: dict[str, InventoryKey] = field(default_factory=dict)
 
@@ -256,12 +261,9 @@ def _route(rows: Sequence[schedule.DueRow], keys: dict[str, InventoryKey], deps:
         if decision.command is not None:
             target = out.to_requests if decision.target == "requests" else out.to_commands
             target.append(decision.command)
-            out.sent.append((rid, decision.command.id))
             deps.metrics.dispatched(row.kind, row.reason)
         elif decision.hold:
-            out.held.append((rid, None))
-        else:
-            out.later.append((rid, None))
+            out.held.append(rid)
     return out
 
 
@@ -288,23 +290,22 @@ async def _dispatch_loop(deps: Deps) -> int:
 async def _dispatch_batch(deps: Deps) -> int:
     moment = deps.clock()
     policy = deps.policy.policy
+    next_at = moment + schedule.days(policy.defaults.redispatch_days, deps.day_seconds)
     async with deps.inventory.unit_of_work() as tx:
-        rows = await tx.claim_due(moment, deps.dispatch_batch)
+        rows = await tx.claim_due(moment, deps.dispatch_batch, next_at)
         if not rows:
             return 0
         keys = await tx.read_keys(sorted({r.key_id for r in rows}))
         plan = _route(rows, keys, deps, moment)
         await tx.outbox(deps.topics.requests, plan.to_requests)
         await tx.outbox(deps.topics.commands, plan.to_commands)
-        next_at = moment + schedule.days(policy.defaults.redispatch_days, deps.day_seconds)
-        await tx.rearm(plan.sent + plan.later, next_at)
-        await tx.rearm(plan.held, HELD)
+        await tx.postpone(plan.held, HELD)
         await tx.delete_rows(plan.dropped)
         changes = compliance.Changes()
         await assess(tx, list(plan.assess.values()), deps, changes)
         await _publish_findings(tx, deps, changes)
     deps.metrics.findings(changes)
-    if plan.sent or changes.events:
+    if plan.to_requests or plan.to_commands or changes.events:
         deps.on_commit()
     return len(rows)
 

@@ -31,20 +31,15 @@ class Tx(Protocol):
     async def write_schedule(self, upserts: Sequence[tuple[str, Due]],
                              deletes: Sequence[RowId]) -> None: ...
 
-    async def rows_for_requests(self, request_ids: Sequence[str]) -> dict[str, RowId]: ...
-
-    async def claim_due(self, now: datetime, limit: int) -> list[DueRow]:
-        """Due rows no other instance holds (SKIP LOCKED), locked until commit."""
+    async def claim_due(self, now: datetime, limit: int, rearm_at: datetime) -> list[DueRow]:
+        """Due rows no other transaction holds (SKIP LOCKED), re-armed to ``rearm_at`` in the
+        same statement and locked until commit."""
 
     async def read_keys(self, key_ids: Sequence[str]) -> dict[str, InventoryKey]:
         """The keys without locking them."""
 
-    async def rearm(self, rows: Sequence[tuple[RowId, str | None]], due_at: datetime) -> None:
-        """Next attempt of ``rows`` at ``due_at``, with the request id just sent (or None)."""
-
-    async def retry(self, rows: Sequence[RowId], due_at: datetime) -> None:
-        """A refused command: try again at ``due_at``, forgetting the refused request id (a
-        repeated answer to it is then ignored)."""
+    async def postpone(self, rows: Sequence[RowId], due_at: datetime) -> None:
+        """Next attempt of ``rows`` at ``due_at`` (a refusal's retry, a held destruction)."""
 
     async def delete_rows(self, rows: Sequence[RowId]) -> None: ...
 

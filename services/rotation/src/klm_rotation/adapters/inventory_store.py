@@ -120,41 +120,29 @@ class PgTx:
                           $4::timestamptz[], $5::text[]) AS u(k, c, v, p, why)
                    ON CONFLICT (key_id, kind, version) DO UPDATE SET
                      planned_at = EXCLUDED.planned_at, due_at = EXCLUDED.due_at,
-                     reason = EXCLUDED.reason, request_id = NULL, dispatched_at = NULL,
+                     reason = EXCLUDED.reason, dispatched_at = NULL,
                      attempts = 0""",
                 [k for k, _ in upserts], [d.kind for _, d in upserts],
                 [d.version for _, d in upserts], [d.planned_at for _, d in upserts],
                 [d.reason for _, d in upserts])
 
-    async def rows_for_requests(self, request_ids: Sequence[str]) -> dict[str, RowId]:
+    async def claim_due(self, now: datetime, limit: int, rearm_at: datetime) -> list[DueRow]:
         rows = await self.conn.fetch(
-            "SELECT request_id, key_id, kind, version FROM schedule "
-            "WHERE request_id = ANY($1::text[])", list(request_ids))
-        return {r["request_id"]: (r["key_id"], r["kind"], r["version"]) for r in rows}
-
-    async def claim_due(self, now: datetime, limit: int) -> list[DueRow]:
-        rows = await self.conn.fetch(
-            "SELECT key_id, kind, version, planned_at, reason FROM schedule "
-            "WHERE due_at <= $1 ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED", now, limit)
+            """WITH due AS (
+                 SELECT key_id, kind, version FROM schedule WHERE due_at <= $1
+                 ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+               UPDATE schedule s SET due_at = $3, dispatched_at = $1, attempts = s.attempts + 1
+               FROM due WHERE s.key_id = due.key_id AND s.kind = due.kind
+                 AND s.version = due.version
+               RETURNING s.key_id, s.kind, s.version, s.planned_at, s.reason""",
+            now, limit, rearm_at)
         return [DueRow(r["key_id"], r["kind"], r["version"], r["planned_at"], r["reason"])
                 for r in rows]
 
-    async def rearm(self, rows: Sequence[tuple[RowId, str | None]], due_at: datetime) -> None:
-        if not rows:
-            return
-        ids = [r for r, _ in rows]
-        await self.conn.execute(
-            "UPDATE schedule s SET due_at = $5, request_id = COALESCE(x.req, s.request_id), "
-            "dispatched_at = CASE WHEN x.req IS NULL THEN s.dispatched_at ELSE now() END, "
-            "attempts = s.attempts + 1 "
-            "FROM unnest($1::text[], $2::text[], $3::int[], $4::text[]) AS x(k, c, v, req) "
-            "WHERE s.key_id = x.k AND s.kind = x.c AND s.version = x.v",
-            *_row_arrays(ids), [req for _, req in rows], due_at)
-
-    async def retry(self, rows: Sequence[RowId], due_at: datetime) -> None:
+    async def postpone(self, rows: Sequence[RowId], due_at: datetime) -> None:
         if rows:
             await self.conn.execute(
-                f"UPDATE schedule s SET due_at = $4, request_id = NULL FROM {_ROWS} "  # noqa: S608
+                f"UPDATE schedule s SET due_at = $4 FROM {_ROWS} "  # noqa: S608
                 "WHERE s.key_id = r.key_id AND s.kind = r.kind AND s.version = r.version",
                 *_row_arrays(rows), due_at)
 

@@ -126,6 +126,24 @@ def command_id(key: InventoryKey, kind: Kind, version: int, planned_at: datetime
     return str(uuid.uuid5(KLM_NAMESPACE, f"{kind}/{key.key_id}/{anchor}/{attempt}"))
 
 
+#: the command type each kind of work is sent as
+COMMAND_KINDS: dict[str, Kind] = {RotateKey.event_type: "rotate",
+                                  DeactivateVersion.event_type: "deactivate",
+                                  DestroyKey.event_type: "destroy"}
+
+
+def refused_work(key: InventoryKey, rows: dict[tuple[str, Kind, int], datetime],
+                 request_id: str, request_type: str) -> tuple[str, Kind, int] | None:
+    """The due-work row whose current command is ``request_id`` (None: not ours, or an
+    answer to an attempt already counted — its id is no longer the current one)."""
+    kind = COMMAND_KINDS.get(request_type)
+    for (key_id, row_kind, version), planned_at in rows.items():
+        if key_id == key.key_id and row_kind == kind and \
+                command_id(key, row_kind, version, planned_at) == request_id:
+            return key_id, row_kind, version
+    return None
+
+
 def destruction_guard(key: InventoryKey, policy: CryptoPolicy, now: datetime,
                       day_seconds: float) -> list[str]:
     """Why destroying the key needs an override (empty: it does not)."""
