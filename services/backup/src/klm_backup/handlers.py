@@ -358,10 +358,10 @@ async def recover_all(unit: Unit, event: CloudEvent, deps: Deps) -> None:
     """Disaster recovery: one restore command per non-destroyed key, all its versions."""
     by_key: dict[str, list[StoredBackup]] = {}
     states: dict[str, tuple[str, int]] = {}
-    for stored, key in await unit.live_backups():
-        by_key.setdefault(stored.key_id, []).append(stored)
+    for backup, key in await unit.live_backups():
+        by_key.setdefault(backup.key_id, []).append(backup)
         if key is not None:
-            states[stored.key_id] = (key.state, key.primary_version)
+            states[backup.key_id] = (key.state, key.primary_version)
     commands, refused, versions = [], [], 0
     for key_id, stored in by_key.items():
         good, bad = _verify(stored, deps)
