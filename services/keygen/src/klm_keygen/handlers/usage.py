@@ -37,7 +37,7 @@ from klm_keygen.adapters.hsm_usage import (
     evict_keys,
     execute_batch,
 )
-from klm_keygen.adapters.usage_store import PgUsageStore, UsageStorePort
+from klm_keygen.adapters.usage_store import KeyCache, PgUsageStore, UsageStorePort
 from klm_keygen.domain.usage import (
     DENIAL_CODES,
     OPERATION_OF,
@@ -72,6 +72,8 @@ class UsageSettings(BaseSettings):
     summary_seconds: float = 60.0
     reply_prefix: str | None = None
     cache_size: int = 4096
+    #: how long a key record may be served from memory (0: read Postgres every batch)
+    key_cache_seconds: float = 2.0
 
 
 class HsmRunner(Protocol):
@@ -278,8 +280,10 @@ async def flush_usage_forever(deps: UsageDeps, every: float) -> None:
 
 def usage_deps(keygen: Keygen, settings: UsageSettings) -> UsageDeps:
     prefix = settings.reply_prefix or f"{keygen.settings.topic_prefix}{REPLY_TOPIC_BASE}"
+    cache = KeyCache(keygen.settings.service_dsn("keygen"), settings.key_cache_seconds)
+    cache.start()
     return UsageDeps(
-        hsm=keygen.hsm, store=PgUsageStore(keygen.pool, keygen.topics.lifecycle),
+        hsm=keygen.hsm, store=PgUsageStore(keygen.pool, keygen.topics.lifecycle, cache),
         replies=KafkaReplies(keygen.producer),
         dead_letters=DeadLetters(keygen.broker, keygen.topics, "keygen-usage"),
         reply_prefix=prefix, handles=KeyHandles(settings.cache_size),
