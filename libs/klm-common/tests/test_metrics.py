@@ -94,3 +94,74 @@ def test_hsm_operation_times_and_counts_errors() -> None:
     assert recorded[0] == ("add", 1, {"klm.hsm.operation": "generate",
                                       "error.type": "ValueError"})
     assert recorded[1][0] == "record" and recorded[1][2] == {"klm.hsm.operation": "generate"}
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float, dict[str, str]]] = []
+
+    def add(self, amount: float, attrs: dict[str, str]) -> None:
+        self.calls.append(("add", amount, attrs))
+
+    def record(self, value: float, attrs: dict[str, str]) -> None:
+        self.calls.append(("record", value, attrs))
+
+
+def _recording(*specs: metrics.MetricSpec) -> tuple[dict[str, object], dict[str, _Recorder]]:
+    saved = dict(metrics._instruments._made)
+    fakes = {spec.name: _Recorder() for spec in specs}
+    metrics._instruments._made.update(fakes)
+    return saved, fakes
+
+
+def test_published_policy_violations_are_counted_by_severity() -> None:
+    from klm_common.envelope import make_event
+    from klm_common.outbox import _count_policy_violations
+
+    def violation(cleared: bool) -> dict[str, bytes]:
+        data = {"key_id": "klm:key:00000000-0000-4000-8000-000000000001", "owner": "acme",
+                "code": "weak_algorithm", "severity": "high", "rule": "min-strength",
+                "cleared": cleared}
+        return {"value": make_event("klm.key.policy_violation", data, source="t").to_bytes()}
+
+    other = {"value": make_event("klm.key.suspended", {"x": 1}, source="t").to_bytes()}
+    saved, fakes = _recording(metrics.POLICY_VIOLATIONS)
+    try:
+        _count_policy_violations([violation(False), other, violation(True)])
+    finally:
+        metrics._instruments._made = saved
+    assert fakes[metrics.POLICY_VIOLATIONS.name].calls == [
+        ("add", 1, {"klm.policy.severity": "high", "klm.policy.rule": "min-strength"})]
+
+
+def test_request_outcomes_are_counted_when_the_batch_handler_returns() -> None:
+    from aiokafka import ConsumerRecord
+
+    from klm_common import inbound_telemetry as it
+    from klm_common.envelope import make_event
+
+    requests = [make_event("klm.request.generate_key", {"owner": "a"}, source="t")
+                for _ in range(3)]
+    records = [ConsumerRecord("t.klm.requests", 0, i, 1_000, 0, ev.id.encode(), ev.to_bytes(),
+                              None, 0, 0, [])
+               for i, ev in enumerate(requests)]
+    ok = make_event("klm.key.generated", {}, source="keygen", cause=requests[0])
+    rejected = make_event("klm.request.rejected", {"code": "algorithm_invalid"},
+                          source="keygen", cause=requests[1])
+    saved, fakes = _recording(metrics.REQUESTS, metrics.REQUEST_DURATION)
+    try:
+        batch = it._open(records)
+        token = it._current.set(batch)
+        it.note_parsed(zip(requests, records, strict=True))
+        it.note_answers([ok, rejected])
+        it._current.reset(token)
+        it._close(batch, None)
+    finally:
+        metrics._instruments._made = saved
+    counted = [c[2] for c in fakes[metrics.REQUESTS.name].calls]
+    assert counted == [
+        {"klm.request.type": "klm.request.generate_key", "klm.outcome": "ok",
+         "klm.error.code": ""},
+        {"klm.request.type": "klm.request.generate_key", "klm.outcome": "rejected",
+         "klm.error.code": "algorithm_invalid"}]  # the third got no answer: not counted
+    assert len(fakes[metrics.REQUEST_DURATION.name].calls) == 2
