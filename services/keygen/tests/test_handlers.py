@@ -66,3 +66,12 @@ async def test_hsm_down_leaves_batch_uncommitted(deps: Deps) -> None:
     deps.hsm.available = True  # type: ignore[attr-defined]
     await handle_request_batch([record(r.to_bytes())], deps)
     assert len(deps.keystore.outbox) == 1  # type: ignore[attr-defined]
+
+
+async def test_large_batch_is_pipelined_in_chunks_each_answered_once(deps: Deps) -> None:
+    deps.chunk_size = 4
+    requests = [request(name=f"c{i}") for i in range(10)]
+    await handle_request_batch([record(r.to_bytes(), i) for i, r in enumerate(requests)], deps)
+    assert deps.hsm.calls == [4, 4, 2]  # type: ignore[attr-defined]
+    answers = deps.keystore.outbox  # type: ignore[attr-defined]
+    assert [a.correlationid for a in answers] == [r.id for r in requests]

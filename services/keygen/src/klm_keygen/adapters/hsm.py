@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import time
@@ -278,6 +279,10 @@ class Pkcs11Hsm:
                   # a resident key is extractable only so that it can be wrapped for backup
                   Attribute.EXTRACTABLE: True}
         if resident:
+            # objects under this CKA_ID can only be left from an attempt that never
+            # committed (key ids are per request, versions per committed row): remove them,
+            # or a retried request would leave a second object with the same id
+            hsm_lifecycle.destroy_objects(self._session, self._kek, [obj_id])
             common[Attribute.ID] = obj_id
             common[Attribute.LABEL] = hsm_lifecycle.resident_label(obj_id)
         if spec.algorithm is Algorithm.AES or spec.algorithm.value.startswith("HMAC"):
@@ -318,7 +323,7 @@ class Pkcs11Hsm:
             curve_oid = _ED25519_OID if is_ed else CURVES[str(spec.curve)][1]
             params = self._session.create_domain_parameters(
                 KeyType.EC_EDWARDS if is_ed else KeyType.EC,
-                {Attribute.EC_PARAMS: encode_named_curve_parameters(curve_oid)}, local=True)
+                {Attribute.EC_PARAMS: _named_curve(curve_oid)}, local=True)
             pub, priv = params.generate_keypair(
                 store=resident, mechanism=mechanism,
                 public_template=public, private_template=private)
@@ -343,6 +348,12 @@ class Pkcs11Hsm:
         finally:
             key.destroy()
         return GeneratedVersion(bytes(wrapped), public_der, kcv)
+
+
+@functools.cache
+def _named_curve(oid: str) -> bytes:
+    """DER ECParameters of a named curve (encoded once: asn1crypto is slow per key)."""
+    return bytes(encode_named_curve_parameters(oid))
 
 
 def _rsa_spki(pub: Any) -> bytes:

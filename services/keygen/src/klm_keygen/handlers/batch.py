@@ -1,10 +1,12 @@
 """How keygen serves one Kafka batch (requests or internal commands), shared by the areas.
 
 parse (bad bytes → DLQ) → skip ids already answered (inbox) → route each event to its
-handler (bad ones → ``klm.request.rejected``) → generate new keys (one HSM call) → ONE
-Postgres transaction: claim the ids, insert the new keys, lock the existing keys the batch
-changes, apply the key handlers round by round (HSM work of a round in one call each),
-store the keys' next state, queue every answer → commit → offsets committed by the caller.
+handler (bad ones → ``klm.request.rejected``) → per chunk of up to ``chunk_size`` events:
+generate its new keys (one HSM call) → ONE Postgres transaction: claim the ids, insert the
+new keys, lock the existing keys the chunk changes, apply the key handlers round by round
+(HSM work of a round in one call each), store the keys' next state, queue every answer →
+commit. The next chunk's keys are generated while a chunk commits. Offsets are committed
+by the caller once every chunk of the batch is.
 
 A crash anywhere before the commit leaves nothing: session objects die with the process,
 resident objects made meanwhile are orphans that the start-up sweep destroys, and the
@@ -14,6 +16,7 @@ uncommitted batch is delivered again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +70,8 @@ class Deps:
     policy: CryptoPolicy | None = None
     #: CSRs of certificate-profile keys (generation and rotation); None: no CSRs
     csrs: CertificateRequests | None = None
+    #: a batch is served in chunks of this many events, pipelined (HSM ∥ Postgres)
+    chunk_size: int = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,21 +144,69 @@ async def _handle(records: Sequence[ConsumerRecord[bytes, bytes]], deps: Deps,
     if not fresh:
         return
     tenants = {i.event.id: tenant_of_topic(i.record.topic) for i in inbound}
+    size = max(1, deps.chunk_size)
+    chunks = [c for c in (_prepare(fresh[i:i + size], routes, tenants, deps.policy)
+                          for i in range(0, len(fresh), size)) if c.handled]
+    await _serve_pipelined(chunks, deps, routes, tenants)
+
+
+@dataclass
+class Chunk:
+    """Consecutive events of a batch, routed: served by one HSM call and one transaction."""
+
+    handled: list[CloudEvent]
+    plans: list[GenerationPlan]
+    steps: list[tuple[CloudEvent, EventData]]
+    result: BatchResult
+
+
+def _prepare(events: Sequence[CloudEvent], routes: Routes, tenants: Mapping[str, str | None],
+             policy: CryptoPolicy | None) -> Chunk:
     result = BatchResult()
     plans: list[GenerationPlan] = []
     steps: list[tuple[CloudEvent, EventData]] = []
-    handled = [ev for ev in fresh
-               if _route(ev, routes, result, plans, steps, tenants.get(ev.id), deps.policy)]
-    if not handled:
-        return
-    await generate_keys(plans, deps.hsm, result)
-    if deps.csrs is not None:
-        await deps.csrs.attach_to_generated(result.keys, result.answers)
+    handled = [ev for ev in events
+               if _route(ev, routes, result, plans, steps, tenants.get(ev.id), policy)]
+    return Chunk(handled, plans, steps, result)
+
+
+async def _serve_pipelined(chunks: Sequence[Chunk], deps: Deps, routes: Routes,
+                           tenants: Mapping[str, str | None]) -> None:
+    """Chunk *i+1*'s keys are generated on the HSM thread while chunk *i* commits, so the
+    HSM does not wait for Postgres (nor Postgres for the HSM). Chunks commit in order; a
+    failure leaves the rest uncommitted and the whole batch is redelivered (the inbox makes
+    the committed chunks no-ops)."""
+    pending = _generation(chunks[0], deps) if chunks else None
+    for i, chunk in enumerate(chunks):
+        assert pending is not None
+        await pending
+        pending = _generation(chunks[i + 1], deps) if i + 1 < len(chunks) else None
+        try:
+            await _commit(chunk, deps, routes, tenants)
+        except BaseException:
+            if pending is not None:
+                with contextlib.suppress(BaseException):
+                    await pending
+            raise
+
+
+def _generation(chunk: Chunk, deps: Deps) -> asyncio.Future[None]:
+    async def generate() -> None:
+        await generate_keys(chunk.plans, deps.hsm, chunk.result)
+        if deps.csrs is not None:
+            await deps.csrs.attach_to_generated(chunk.result.keys, chunk.result.answers)
+
+    return asyncio.ensure_future(generate())
+
+
+async def _commit(chunk: Chunk, deps: Deps, routes: Routes,
+                  tenants: Mapping[str, str | None]) -> None:
+    result = chunk.result
     at = deps.clock()
     async with deps.keystore.unit() as unit:
-        claimed = await unit.claim([ev.id for ev in handled])
+        claimed = await unit.claim([ev.id for ev in chunk.handled])
         await unit.insert_keys([k for k in result.keys if k.plan.request.id in claimed])
-        mine = [(ev, data) for ev, data in steps if ev.id in claimed]
+        mine = [(ev, data) for ev, data in chunk.steps if ev.id in claimed]
         ctx = Context(deps.hsm, at, deps.day_seconds, tenants, deps.policy, deps.csrs)
         await apply_key_steps(unit, mine, routes, ctx, result)
         await unit.queue([a for a in result.answers if a.correlationid in claimed])

@@ -1,0 +1,384 @@
+"""Keygen benchmark: raw in-process SoftHSM generation rate next to keygen's end-to-end rate
+through Kafka (request published → ``klm.key.generated`` consumed; the fact leaves the outbox
+only after the keystore transaction committed), with p50/p99 latency at half the maximum
+load, and the ratio pipeline/raw. Writes the "## Keygen" section of docs/benchmarks.md.
+
+Runs against the local stack (``eval "$(infra/stack.sh env)"``) in its own namespace: a
+topic prefix, a fresh database and a fresh SoftHSM token, with its own keygen process.
+
+    .venv/bin/python bench/keygen.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pkcs11
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from pkcs11 import Attribute, KeyType, Mechanism
+from pkcs11.util.ec import encode_named_curve_parameters
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the integration harness starts services as processes
+
+from tests.integration.harness import ServiceProcess, local_stack_env  # noqa: E402
+
+from klm_common.db import provision  # noqa: E402
+from klm_common.envelope import make_event  # noqa: E402
+from klm_common.events import GenerateKey  # noqa: E402
+from klm_common.kafka import ensure_topics  # noqa: E402
+from klm_common.settings import KlmSettings  # noqa: E402
+from klm_common.topics import Topics  # noqa: E402
+
+ALGORITHMS = {"AES-256": {"algorithm": "AES-256"},
+              "EC P-256": {"algorithm": "EC", "curve": "P-256"},
+              "RSA-2048": {"algorithm": "RSA-2048"}}
+P256_OID = "1.2.840.10045.3.1.7"
+
+
+# ---- namespace ------------------------------------------------------------------------------
+@dataclass
+class Namespace:
+    name: str
+    env: dict[str, str]
+    settings: KlmSettings
+    folder: Path
+
+
+async def create_namespace(stack: dict[str, str]) -> Namespace:
+    name = f"bench{uuid.uuid4().hex[:8]}"
+    folder = Path(tempfile.mkdtemp(prefix="klm-bench-"))
+    pin = secrets.token_hex(8)
+    (folder / "pin").write_text(pin)
+    await asyncio.to_thread(
+        subprocess.run, ["softhsm2-util", "--init-token", "--free", "--label", name, "--pin",
+                         pin, "--so-pin", secrets.token_hex(8)],
+        check=True, capture_output=True,
+        env={**os.environ, "SOFTHSM2_CONF": stack["SOFTHSM2_CONF"]})
+    admin = stack["KLM_PG_ADMIN_DSN"]
+    base = admin.rsplit("/", 1)[0].split("@", 1)[1]
+    env = {"KLM_HOME": stack.get("KLM_HOME", str(REPO / ".klm")),
+           "KLM_KAFKA_BOOTSTRAP": stack["KLM_KAFKA_BOOTSTRAP"],
+           "KLM_PG_ADMIN_DSN": admin.rsplit("/", 1)[0] + f"/{name}",
+           "KLM_PG_DSN": f"postgresql://{base}/{name}", "KLM_TOPIC_PREFIX": f"{name}.",
+           "KLM_HSM_MODULE": stack["KLM_HSM_MODULE"], "SOFTHSM2_CONF": stack["SOFTHSM2_CONF"],
+           "KLM_HSM_TOKEN_LABEL": name, "KLM_HSM_PIN_FILE": str(folder / "pin")}
+    conn = await asyncpg.connect(admin)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    settings = KlmSettings(
+        home=Path(env["KLM_HOME"]), kafka_bootstrap=env["KLM_KAFKA_BOOTSTRAP"],
+        pg_dsn=env["KLM_PG_DSN"], pg_admin_dsn=env["KLM_PG_ADMIN_DSN"],
+        topic_prefix=env["KLM_TOPIC_PREFIX"], hsm_module=env["KLM_HSM_MODULE"],
+        hsm_token_label=name, hsm_pin_file=folder / "pin")
+    await provision(settings)
+    await ensure_topics(settings)
+    return Namespace(name, env, settings, folder)
+
+
+async def drop_namespace(ns: Namespace, stack: dict[str, str]) -> None:
+    conn = await asyncpg.connect(stack["KLM_PG_ADMIN_DSN"])
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{ns.name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+    await asyncio.to_thread(
+        subprocess.run, ["softhsm2-util", "--delete-token", "--token", ns.name],
+        capture_output=True, check=False,
+        env={**os.environ, "SOFTHSM2_CONF": stack["SOFTHSM2_CONF"]})
+    shutil.rmtree(ns.folder, ignore_errors=True)
+
+
+# ---- raw SoftHSM ----------------------------------------------------------------------------
+def raw_rates(ns: Namespace, seconds: float) -> dict[str, tuple[float, float]]:
+    """Per algorithm: (generate/s, generate+KWP-wrap/s) of session keys, one thread."""
+    os.environ["SOFTHSM2_CONF"] = ns.env["SOFTHSM2_CONF"]
+    lib = pkcs11.lib(ns.env["KLM_HSM_MODULE"])
+    token = lib.get_token(token_label=ns.name)
+    with token.open(rw=True, user_pin=(ns.folder / "pin").read_text()) as session:
+        kek = session.generate_key(KeyType.AES, 256, template={
+            Attribute.WRAP: True, Attribute.UNWRAP: True, Attribute.EXTRACTABLE: False})
+        params = session.create_domain_parameters(
+            KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(P256_OID)},
+            local=True)
+        makers = {
+            "AES-256": lambda: session.generate_key(
+                KeyType.AES, 256, template={Attribute.EXTRACTABLE: True,
+                                            Attribute.SENSITIVE: True}),
+            "EC P-256": lambda: params.generate_keypair(
+                private_template={Attribute.EXTRACTABLE: True, Attribute.SENSITIVE: True})[1],
+            "RSA-2048": lambda: session.generate_keypair(
+                KeyType.RSA, 2048, private_template={Attribute.EXTRACTABLE: True,
+                                                     Attribute.SENSITIVE: True})[1],
+        }
+        out = {}
+        for name, make in makers.items():
+            gen = _rate(make, seconds, lambda key: key.destroy())
+            wrap = _rate(make, seconds, lambda key: (
+                kek.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP_PAD), key.destroy()))
+            out[name] = (gen, wrap)
+    return out
+
+
+def _rate(make: Any, seconds: float, after: Any) -> float:
+    count, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or count < 3:
+        after(make())
+        count += 1
+    return count / elapsed
+
+
+# ---- end to end through Kafka ---------------------------------------------------------------
+class Answers:
+    """Consumes klm.lifecycle from its end; records when each answer arrived."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.topic = topic
+        self.arrived: dict[str, tuple[float, str]] = {}
+        self.stamps: dict[str, tuple[float, float, float]] = {}
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                          fetch_max_wait_ms=5)
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        parts = await self._consumer._client.fetch_all_metadata()
+        tps = [TopicPartition(self.topic, p) for p in parts.partitions_for_topic(self.topic)]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_end(*tps)
+        for tp in tps:
+            await self._consumer.position(tp)
+        self._task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for record in self._consumer:
+            got = time.perf_counter()
+            event = json.loads(record.value)
+            corr = event.get("correlationid")
+            if corr and corr not in self.arrived:
+                self.arrived[corr] = (got, event["type"])
+                # wall clock: when keygen made the key, when the relay produced the fact
+                made = datetime.fromisoformat(event["time"].replace("Z", "+00:00"))
+                self.stamps[corr] = (made.timestamp(), record.timestamp / 1000, time.time())
+                self._changed.set()
+
+    async def wait(self, ids: set[str], timeout: float) -> None:
+        deadline = time.perf_counter() + timeout
+        while not ids <= self.arrived.keys():
+            if time.perf_counter() > deadline:
+                missing = len(ids - self.arrived.keys())
+                raise TimeoutError(f"{missing} of {len(ids)} answers missing")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), 1.0)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+        await self._consumer.stop()
+
+
+def request_bytes(fields: dict[str, Any], i: int) -> tuple[str, bytes]:
+    ev = make_event(GenerateKey.event_type, {"owner": "bench", "name": f"b{i}", **fields},
+                    source="bench")
+    return ev.id, ev.to_bytes()
+
+
+async def max_rate(producer: AIOKafkaProducer, answers: Answers, topic: str,
+                   fields: dict[str, Any], n: int) -> float:
+    """Publish ``n`` requests at once; keys per second until the last answer."""
+    batch = [request_bytes(fields, i) for i in range(n)]
+    start = time.perf_counter()
+    for rid, value in batch:
+        await producer.send(topic, value, key=rid.encode())
+    await producer.flush()
+    ids = {rid for rid, _ in batch}
+    await answers.wait(ids, timeout=max(120.0, n / 2))
+    _check_generated(answers, ids)
+    return n / (max(answers.arrived[i][0] for i in ids) - start)
+
+
+async def paced_latencies(producer: AIOKafkaProducer, answers: Answers, topic: str,
+                          fields: dict[str, Any], rate: float, seconds: float) -> list[float]:
+    """Publish at ``rate`` per second for ``seconds``; per-request latency in ms."""
+    n = max(10, int(rate * seconds))
+    batch = [request_bytes(fields, i) for i in range(n)]
+    sent: dict[str, float] = {}
+    wall: dict[str, float] = {}
+    start = time.perf_counter()
+    for i, (rid, value) in enumerate(batch):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sent[rid], wall[rid] = time.perf_counter(), time.time()
+        await producer.send(topic, value, key=rid.encode())
+    await answers.wait(set(sent), timeout=120.0)
+    _check_generated(answers, set(sent))
+    stages = [(answers.stamps[r][0] - wall[r], answers.stamps[r][1] - answers.stamps[r][0],
+               answers.stamps[r][2] - answers.stamps[r][1]) for r in sent]
+    print("  median ms: publish→key made {:.1f}, made→fact produced by relay {:.1f}, "
+          "produced→consumed {:.1f}".format(*(statistics.median(s) * 1000
+                                               for s in zip(*stages, strict=True))))
+    return [(answers.arrived[rid][0] - t) * 1000 for rid, t in sent.items()]
+
+
+def _check_generated(answers: Answers, ids: set[str]) -> None:
+    bad = {answers.arrived[i][1] for i in ids} - {"klm.key.generated"}
+    if bad:
+        raise RuntimeError(f"unexpected answers: {bad}")
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 \
+        else values[0]
+
+
+# ---- report ---------------------------------------------------------------------------------
+def machine_facts() -> list[str]:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = next((line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), "?")
+    softhsm = subprocess.run(["softhsm2-util", "--version"], capture_output=True,
+                             text=True, check=False).stdout.strip()
+    load = os.getloadavg()
+    return [f"CPU: {cpu}, {os.cpu_count()} cores; RAM {int(mem) // 1024} MiB; "
+            f"{platform.system()} {platform.release()}",
+            f"Python {platform.python_version()}, python-pkcs11 "
+            f"{_version('python-pkcs11')}, aiokafka {_version('aiokafka')}, "
+            f"SoftHSM {softhsm}, Kafka 4.4 (single KRaft node), PostgreSQL local cluster",
+            f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+            "(the machine is shared with other engineers' test runs)"]
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import version
+
+    return version(dist)
+
+
+def write_section(table: list[str], facts: list[str], command: str) -> None:
+    doc = REPO / "docs" / "benchmarks.md"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    section = "\n".join([
+        "## Keygen", "",
+        "Raw = one thread generating session keys in process with python-pkcs11 (the HSM's "
+        "physical limit here); e2e = keygen's pipeline: request published on `klm.requests` "
+        "→ batch consumed → one HSM call (generate + AES-KWP wrap under the master KEK) → one "
+        "Postgres transaction (inbox + keystore + outbox) → outbox relay → "
+        "`klm.key.generated` consumed. Latency is measured at half the e2e maximum rate.",
+        "", *table, "", f"Command: `{command}`", "", *[f"- {f}" for f in facts], ""])
+    pattern = re.compile(r"^## Keygen\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(section + "\n", text) if pattern.search(text) \
+        else text.rstrip() + "\n\n" + section
+    doc.write_text(text)
+
+
+async def run(quick: bool, profile: str | None = None, only: str | None = None,
+              write: bool = True, rate: float | None = None) -> None:
+    stack = {**local_stack_env(REPO), **{k: v for k, v in os.environ.items()
+                                         if k.startswith(("KLM_", "SOFTHSM2"))}}
+    ns = await create_namespace(stack)
+    logs = Path(tempfile.gettempdir()) / "klm-bench-logs"
+    logs.mkdir(exist_ok=True)
+    keygen = ServiceProcess("keygen", REPO, ns.env, logs)
+    keygen.log_path.write_text("")
+    print(f"keygen log: {keygen.log_path}")
+    profiler: subprocess.Popen[bytes] | None = None
+    try:
+        seconds = 1.0 if quick else 3.0
+        raw = raw_rates(ns, seconds)
+        keygen.start()
+        if profile:
+            profiler = _profile(keygen, profile)
+        topics = Topics(ns.settings.topic_prefix)
+        answers = Answers(ns.settings.kafka_bootstrap, topics.lifecycle)
+        await answers.start()
+        producer = AIOKafkaProducer(bootstrap_servers=ns.settings.kafka_bootstrap,
+                                    enable_idempotence=True, acks="all", linger_ms=1)
+        await producer.start()
+        rows = []
+        try:
+            await max_rate(producer, answers, topics.requests, ALGORITHMS["AES-256"], 200)
+            for name, fields in ALGORITHMS.items():
+                if only and name != only:
+                    continue
+                gen, wrap = raw[name]
+                n = max(20, int(gen * (2 if quick else 5))) if name != "RSA-2048" \
+                    else (15 if quick else 40)
+                e2e = await max_rate(producer, answers, topics.requests, fields, n)
+                load = rate or e2e / 2
+                lat = await paced_latencies(producer, answers, topics.requests, fields,
+                                            load, 4.0 if quick else 10.0)
+                rows.append((name, gen, wrap, n, e2e, lat))
+                print(f"{name}: raw {gen:.0f}/s (gen+wrap {wrap:.0f}/s), e2e {e2e:.0f}/s "
+                      f"over {n} keys, ratio {e2e / gen:.0%}; at {load:.0f}/s: "
+                      f"p50 {percentile(lat, 50):.1f} ms, p99 {percentile(lat, 99):.1f} ms",
+                      flush=True)
+        finally:
+            await producer.stop()
+            await answers.stop()
+    finally:
+        if profile and profiler is not None:
+            profiler.send_signal(2)
+            profiler.wait(timeout=60)
+        keygen.terminate()
+        await drop_namespace(ns, stack)
+    table = ["| algorithm | raw gen/s | raw gen+wrap/s | e2e max keys/s (n) | e2e/raw | "
+             "load for latency | p50 ms | p99 ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, gen, wrap, n, e2e, lat in rows:
+        table.append(f"| {name} | {gen:,.0f} | {wrap:,.0f} | {e2e:,.0f} ({n}) | "
+                     f"{e2e / gen:.0%} | {e2e / 2:,.0f}/s | {percentile(lat, 50):.1f} | "
+                     f"{percentile(lat, 99):.1f} |")
+    print("\n".join(table))
+    command = "eval \"$(infra/stack.sh env)\" && .venv/bin/python bench/keygen.py" + \
+        (" --quick" if quick else "")
+    if write:
+        write_section(table, machine_facts(), command)
+
+
+def _profile(keygen: ServiceProcess, path: str) -> subprocess.Popen[bytes]:
+    """py-spy samples keygen for the whole run (collapsed stacks, for finding hot spots)."""
+    assert keygen.proc is not None
+    return subprocess.Popen([str(REPO / ".venv" / "bin" / "py-spy"), "record", "--format",
+                             "raw", "-o", path, "-p", str(keygen.proc.pid), "-r", "200"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs (smoke test)")
+    parser.add_argument("--profile", metavar="FILE", help="py-spy keygen into FILE (raw)")
+    parser.add_argument("--only", help="run only this algorithm (e.g. 'EC P-256')")
+    parser.add_argument("--no-write", action="store_true", help="do not touch docs/")
+    parser.add_argument("--rate", type=float, help="latency load (default: half the max)")
+    args = parser.parse_args()
+    asyncio.run(run(args.quick, args.profile, args.only, not args.no_write, args.rate))
+
+
+if __name__ == "__main__":
+    main()
