@@ -323,3 +323,13 @@ async def test_reply_topic_outside_the_prefix_goes_to_the_dlq(
         lambda e: "reply_to" in e.data.get("error", "") and
         request.id.encode() in base64.b64decode(e.data["original_b64"]))
     assert letter.data["topic"] == topics.crypto_requests
+
+
+async def test_a_malformed_request_is_answered_with_its_code(klm: KlmClient) -> None:
+    key = await new_key(klm, "EC")
+    channel = await klm.crypto()
+    bad = CryptoSign.model_construct(key_id=key["key_id"], owner=OWNER,
+                                     reply_to=channel.reply_topic, data_b64="%%% not base64")
+    with pytest.raises(CryptoOperationError) as refused:
+        await channel.call(bad)
+    assert refused.value.code == "invalid_request"
