@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import replace
 
 from services.rotation.tests.factories import T0, inventory_key, later
 
+from klm_common.kafka import KLM_NAMESPACE
 from klm_common.policy import load_policy
 from klm_rotation.domain.inventory import Version, note_rejection
-from klm_rotation.domain.schedule import DueRow, command_id, decide, plan
+from klm_rotation.domain.schedule import DueRow, command_id, decide, name_uuid, plan
 
 POLICY = load_policy()
 DAY = 1.0
@@ -68,3 +70,8 @@ def test_a_row_from_an_older_view_of_the_key_is_dropped() -> None:
                                                      2: Version("active", T0)})
     stale = DueRow(key.key_id, "rotate", 1, later(730), "cryptoperiod")
     assert decide(stale, key, POLICY, later(730), DAY).drop
+
+
+def test_name_uuid_is_uuid5() -> None:
+    for name in ("rotate/klm:key:x/1/0", "destroy/k/2026-01-01T00:00:00+00:00/2", ""):
+        assert name_uuid(name) == str(uuid.uuid5(KLM_NAMESPACE, name))

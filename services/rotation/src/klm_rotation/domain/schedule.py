@@ -12,7 +12,7 @@ retried under a new id.
 
 from __future__ import annotations
 
-import uuid
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
@@ -123,7 +123,20 @@ def command_id(key: InventoryKey, kind: Kind, version: int, planned_at: datetime
     """Same inputs, same id: a re-sent command is the same request (executed once)."""
     attempt = key.rejections.get(f"{kind}:{version}", 0)
     anchor = planned_at.isoformat() if kind == "destroy" else str(version)
-    return str(uuid.uuid5(KLM_NAMESPACE, f"{kind}/{key.key_id}/{anchor}/{attempt}"))
+    return name_uuid(f"{kind}/{key.key_id}/{anchor}/{attempt}")
+
+
+_NAMESPACE = KLM_NAMESPACE.bytes
+
+
+def name_uuid(name: str) -> str:
+    """``str(uuid.uuid5(KLM_NAMESPACE, name))`` (RFC 4122 §4.3), without building a UUID
+    object: the dispatcher derives one per command, thousands a second."""
+    raw = bytearray(hashlib.sha1(_NAMESPACE + name.encode()).digest()[:16])  # noqa: S324
+    raw[6] = (raw[6] & 0x0F) | 0x50  # version 5
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 #: the command type each kind of work is sent as
