@@ -117,8 +117,53 @@ async def publish(settings: object, topic: str, events: list[CloudEvent]) -> Non
         await producer.stop()
 
 
+def hsm_rates(env: dict[str, str], count: int) -> tuple[float, float]:
+    """In-process rates of the same HSM functions keygen runs (wrap for backup, restore),
+    on session objects of the namespace's token — before keygen opens it."""
+    import base64
+    from datetime import UTC, datetime
+
+    import pkcs11
+    from pkcs11 import Attribute, KeyType, Mechanism
+
+    from klm_common.events import BackupMaterial
+    from klm_keygen.adapters.hsm_backup import VersionRow, restore_versions, wrap_for_backup
+
+    os.environ["SOFTHSM2_CONF"] = env["SOFTHSM2_CONF"]
+    lib = pkcs11.lib(env["KLM_HSM_MODULE"])
+    pin = Path(env["KLM_HSM_PIN_FILE"]).read_text().strip()
+    session = lib.get_token(token_label=env["KLM_HSM_TOKEN_LABEL"]).open(rw=True, user_pin=pin)
+    try:
+        master = session.generate_key(KeyType.AES, 256, template={
+            Attribute.TOKEN: False, Attribute.WRAP: True, Attribute.UNWRAP: True})
+        rows, at = [], datetime.now(UTC)
+        for i in range(count):
+            key = session.generate_key(KeyType.AES, 256, template={
+                Attribute.TOKEN: False, Attribute.EXTRACTABLE: True, Attribute.SENSITIVE: True})
+            material = BackupMaterial(
+                key_id=f"klm:key:00000000-0000-4000-8000-{i:012d}", version=1, owner="bench",
+                name="k", algorithm="AES", size=256, usages=["encrypt"],
+                protection="hsm-wrapped", key_created_at=at, version_state="active",
+                version_created_at=at, kcv=bytes(key[Attribute.CHECK_VALUE]).hex())
+            rows.append(VersionRow(material, bytes(master.wrap_key(
+                key, mechanism=Mechanism.AES_KEY_WRAP_PAD))))
+            key.destroy()
+        t0 = time.perf_counter()
+        blobs = wrap_for_backup(session, master, rows)
+        wrap_rate = count / (time.perf_counter() - t0)
+        materials = [r.material.model_copy(update={"blob_b64": base64.b64encode(b).decode()})
+                     for r, b in zip(rows, blobs, strict=True) if isinstance(b, bytes)]
+        t0 = time.perf_counter()
+        restore_versions(session, master, materials)
+        return wrap_rate, count / (time.perf_counter() - t0)
+    finally:
+        session.close()
+
+
 @dataclass
 class Figures:
+    hsm_wrap_rate: float
+    hsm_restore_rate: float
     keys: int
     generate_s: float
     backup_s: float
@@ -144,6 +189,9 @@ async def measure(keys: int, logs: Path) -> Figures:  # noqa: PLR0915 - one scen
     shares_dir = Path(tempfile.mkdtemp(prefix="bench-shares-")) / "shares"
     klm_cli(env, "ceremony", "init", "--out", str(shares_dir))
     shares = sorted(shares_dir.glob("custodian-*.share"))
+    hsm_wrap, hsm_restore = await asyncio.to_thread(hsm_rates, ns.env, min(keys, 2000))
+    print(f"in-process HSM: wrap for backup {hsm_wrap:,.0f}/s, restore {hsm_restore:,.0f}/s",
+          flush=True)
     watch = Watch(settings.kafka_bootstrap, topics.lifecycle)
     keygen = await start_service("keygen", ns.env, logs)
     backup = None
@@ -199,8 +247,8 @@ async def measure(keys: int, logs: Path) -> Figures:  # noqa: PLR0915 - one scen
         print(f"restored {keys:,} in {restore_s:.1f} s", flush=True)
         rows = await _count(settings.admin_dsn())
         sample_ok, sample = await _use_sample(settings, requests[:: max(1, keys // 20)])
-        return Figures(keys, generate_s, backup_s, after_first, wipe_s, ceremony_s,
-                       keygen_start_s, restore_s, rows, sample_ok, sample)
+        return Figures(hsm_wrap, hsm_restore, keys, generate_s, backup_s, after_first, wipe_s,
+                       ceremony_s, keygen_start_s, restore_s, rows, sample_ok, sample)
     finally:
         await watch.stop()
         if backup is not None:
@@ -256,6 +304,12 @@ def report(f: Figures) -> str:
         f"{f.generate_s:.1f} s ({f.keys / f.generate_s:,.0f}/s); backup / generation time = "
         f"{f.backup_s / f.generate_s:.2f}. Wiping (token delete, keystore schema drop, new "
         f"token) took {f.wipe_s:.1f} s and is not part of the DR figure.",
+        "",
+        f"In-process HSM rates of the same functions (`wrap_for_backup`, `restore_versions`, "
+        f"no Kafka/Postgres), same run: wrap {f.hsm_wrap_rate:,.0f}/s, restore "
+        f"{f.hsm_restore_rate:,.0f}/s — end to end reaches "
+        f"{f.keys / f.backup_after_first_s / f.hsm_wrap_rate:.2f}× (backup) and "
+        f"{f.keys / f.restore_s / f.hsm_restore_rate:.2f}× (restore) of them.",
         "",
         f"After recovery the keystore holds {f.restored_rows:,} wrapped versions; "
         f"{f.sample_ok}/{f.sample} sampled keys did an AES-GCM round trip through keygen.",
