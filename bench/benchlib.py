@@ -38,8 +38,10 @@ HEADER = """# KLM benchmarks
 Written by `make bench` (every `bench/*.py` against the real local stack: Kafka, PostgreSQL,
 SoftHSM). Each section is owned and rewritten by one script; each figure says the command
 that produced it, the machine, and the date. Ratios are always between figures measured in
-the **same run** on the same machine. These are measurements, not guarantees: the machine is
-shared (2 cores), so expect run-to-run noise of ±15 %.
+the **same run** on the same machine. These are measurements, not guarantees: the machine has
+2 cores and is often shared with other work (test suites, other benchmarks), which inflates
+latencies and lowers rates well beyond the usual ±15 % run-to-run noise — sections that can
+show the load average do.
 """
 
 

@@ -29,6 +29,8 @@ from peer_openbao import SPECS, KlmRequester, closed_loop, generate_request, sum
 SECTION = "Profile"
 PY_SPY = REPO / ".venv" / "bin" / "py-spy"
 OWN_CODE = ("klm_common/", "klm_keygen/", "klm_audit/")
+#: process entry frames (on every stack of the main thread: they say nothing)
+ENTRY = ("main (", "run (", "serve (")
 
 
 def parse_raw(path: Path) -> list[tuple[list[str], int]]:
@@ -60,7 +62,7 @@ def top_costs(stacks: list[tuple[list[str], int]], limit: int) -> tuple[int, lis
     for frames, n in stacks:
         own[short(frames[-1])] += n
         for frame in {short(f) for f in frames}:
-            if frame.split(" (")[-1].startswith(OWN_CODE):
+            if frame.split(" (")[-1].startswith(OWN_CODE) and not frame.startswith(ENTRY):
                 ours[frame] += n
 
     def rows(counter: collections.Counter[str]) -> list[str]:
@@ -142,28 +144,33 @@ async def main(keys: int, concurrency: int, seconds: int, limit: int, write: boo
 #: after each run — the tables are regenerated, these notes are not)
 FINDINGS = """### Reading (2026-11-28) and what was done
 
-- Removed in klm-common: KLM's per-record consume spans and per-publish relay spans cost
-  ~7 % of audit's ingest samples (`Tracer.start_span` in `inbound_telemetry._open`); they are
-  now created only when the process exports spans (OTLP or console) — otherwise the record's
-  own `traceparent` is passed on, so downstream traces stay whole at no cost. The relay now
-  takes its advisory lock and reads its batch in one round trip
-  (`klm_common/outbox.py` `_LOCKED_BATCH`).
-- Socket writes (`asyncio/selector_events.py` `_SelectorSocketTransport.write`) are the
-  largest own-time frame in both services: every Kafka request (fetch, produce, offset
-  commit) and every PostgreSQL statement is one syscall, and syscalls are slow on this VM.
-  Batches are small at this concurrency, so per-batch round trips dominate.
+`EpollSelector.select` is the event loop waiting (idle, or for PostgreSQL/Kafka answers).
+
+- Removed in klm-common:
+  - KLM's per-record consume spans and per-publish relay spans cost ~7 % of audit's ingest
+    samples (`Tracer.start_span` in `klm_common/inbound_telemetry.py` `_open`); they are now
+    created only when the process exports spans (OTLP or console) — otherwise the record's
+    own `traceparent` is passed on, so downstream traces stay whole at no cost.
+  - The outbox relay took its advisory lock and read its batch in two round trips, and
+    waited for a WAL flush to commit a transaction that only deletes published rows: now
+    one statement (`klm_common/outbox.py` `_LOCKED_BATCH`), committed with
+    `synchronous_commit` off for that transaction only (losing it republishes rows, which
+    consumers drop by event id).
+- Socket writes (`asyncio/selector_events.py` `_SelectorSocketTransport.write`) are a large
+  own-time frame in both services: every Kafka request (fetch, produce, offset commit) and
+  every PostgreSQL statement is a syscall, and syscalls are slow on this VM; at this
+  concurrency batches are small, so per-batch round trips dominate.
 - For the owners (not changed here):
-  - keygen `klm_keygen/adapters/hsm.py` `_finish` (wrap under the master KEK) and
-    `_keypair`/`_secret` (generation) — the HSM thread, ~30 % of keygen's samples: SoftHSM's
-    own cost; only more HSM sessions (one per keygen instance) would spread it.
-  - keygen `klm_keygen/adapters/keystore.py` (`PgUnit.insert_keys`, `add_to_outbox` via
-    `PgUnit.queue`) and asyncpg's `Connection.reset` on every pool release
-    (`asyncpg/pool.py`): one transaction per batch plus a reset round trip per acquire —
-    `create_pool(..., reset=...)`/fewer acquires per batch would save round trips.
-  - audit `klm_audit/bootstrap.py` `ingest` → `handlers.append`: JSON decode/encode of each
-    envelope (canonicalisation) shows in own time; acceptable at these rates.
-  - aiokafka's `GroupCoordinator._commit_refresh_routine` fetching committed offsets and
-    one offset commit per batch: FastStream commits after each batch (our delivery rule).
+  - keygen, the HSM thread, ~37 % of keygen's samples: `klm_keygen/adapters/hsm.py`
+    `_keypair` (EC key pair generation) and `_finish` (KWP wrap under the master KEK), then
+    `_secret` — SoftHSM's own work; only more HSM sessions (one per keygen instance) spread
+    it. `_ec_spki` (`cryptography` point decoding) is ~1 %.
+  - audit `klm_audit/domain/hash_chain.py` `canonical_json` (:64) and
+    `canonicalise_received` (:82) — JSON decode + re-encode of each envelope, ~11 % of audit's
+    samples; `klm_audit/projection.py` `Projector._run` → `postgres_store.project` ~12 %
+    (read models rebuilt next to ingest).
+  - aiokafka's `GroupCoordinator._commit_refresh_routine` fetching committed offsets, and
+    one offset commit per batch (our delivery rule: commit after the effects are durable).
 """
 
 
