@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from aiokafka import ConsumerRecord
@@ -38,8 +38,6 @@ from klm_rotation.metrics import RotationMetrics
 from klm_rotation.ports import Inventory, RowId, Tx
 
 log = logging.getLogger(__name__)
-#: a held row (a destruction that needs an override) waits for a new plan, not for time
-HELD = datetime(9999, 1, 1, tzinfo=UTC)
 
 
 @dataclass
@@ -241,7 +239,6 @@ async def import_observed_key(records: Sequence[ConsumerRecord[bytes, bytes]],
 class Dispatch:
     to_requests: list[CloudEvent] = field(default_factory=list)
     to_commands: list[CloudEvent] = field(default_factory=list)
-    held: list[RowId] = field(default_factory=list)
     dropped: list[RowId] = field(default_factory=list)
     assess: dict[str, InventoryKey] = field(default_factory=dict)
 
@@ -262,8 +259,6 @@ def _route(rows: Sequence[schedule.DueRow], keys: dict[str, InventoryKey], deps:
             target = out.to_requests if decision.target == "requests" else out.to_commands
             target.append(decision.command)
             deps.metrics.dispatched(row.kind, row.reason)
-        elif decision.hold:
-            out.held.append(rid)
     return out
 
 
@@ -299,7 +294,6 @@ async def _dispatch_batch(deps: Deps) -> int:
         plan = _route(rows, keys, deps, moment)
         await tx.outbox(deps.topics.requests, plan.to_requests)
         await tx.outbox(deps.topics.commands, plan.to_commands)
-        await tx.postpone(plan.held, HELD)
         await tx.delete_rows(plan.dropped)
         changes = compliance.Changes()
         await assess(tx, list(plan.assess.values()), deps, changes)

@@ -56,7 +56,9 @@ class DueRow:
 @dataclass(frozen=True, slots=True)
 class Decision:
     """What to do with one due row: send a command (to ``target``), evaluate the key's
-    findings now (notify-mode rotation, blocked destruction), or drop a stale row."""
+    findings now (notify-mode rotation, blocked destruction), or drop a stale row. A row is
+    re-armed when it is claimed, so work not sent now (``hold``: a destruction that needs
+    an override) is decided again after the redispatch period."""
 
     command: CloudEvent | None = None
     target: Literal["requests", "commands"] | None = None
