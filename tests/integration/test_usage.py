@@ -260,12 +260,20 @@ async def test_compromised_key_only_processes_with_a_warning(klm: KlmClient) -> 
 
 
 async def test_destroyed_key_refuses_everything(klm: KlmClient, settings: KlmSettings,
-                                                topics: Topics, lifecycle: EventLog) -> None:
+                                                topics: Topics, lifecycle: EventLog,
+                                                keygen: ServiceProcess) -> None:
     key = await new_key(klm, "AES-256", usages=["encrypt", "decrypt"])
     key_id = key["key_id"]
     sealed = await klm.encrypt(key_id, b"x", owner=OWNER)
     assert (await klm.decrypt(sealed, owner=OWNER)).data == b"x"  # cached handle now
     await lifecycle_request(klm, RevokeKey(key_id=key_id, reason="cessation"))
+    # the state change reached keygen's usage side (NOTIFY): it dropped the cached handle
+    for _ in range(50):
+        if f"handle(s) of changed keys {key_id}" in keygen.log_path.read_text():
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the unwrapped handle was not dropped on the state change")
     assert (await klm.decrypt(sealed, owner=OWNER)).data == b"x"  # deactivated: process only
     await lifecycle_request(klm, ScheduleDestruction(key_id=key_id, waiting_days=7))
     await asyncio.sleep(7 * float(DAY_SECONDS) + 0.5)

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import asyncpg
@@ -46,9 +46,11 @@ class UsageStorePort(Protocol):
 class KeyCache:
     """Key records by id, valid while the change listener is connected (see module doc)."""
 
-    def __init__(self, dsn: str, ttl: float) -> None:
+    def __init__(self, dsn: str, ttl: float,
+                 on_change: Callable[[str], None] = lambda key_id: None) -> None:
         self._dsn = dsn
         self._ttl = ttl
+        self._on_change = on_change
         self._keys: dict[str, tuple[UsageKey, float]] = {}
         self._task: asyncio.Task[None] | None = None
         self.listening = False
@@ -89,6 +91,7 @@ class KeyCache:
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, key_id: str) -> None:
         self.epoch += 1
         self._keys.pop(key_id, None)
+        self._on_change(key_id)
 
     async def _listen_forever(self) -> None:
         delay = 0.5

@@ -278,16 +278,45 @@ async def flush_usage_forever(deps: UsageDeps, every: float) -> None:
             log.warning("usage summaries kept for the next interval (%s)", exc)
 
 
+class HandleEvictions:
+    """Drops the unwrapped handles of keys whose state changed (a destroyed key's material
+    must not outlive it in the HSM session), in one HSM call for all pending keys."""
+
+    def __init__(self, hsm: HsmRunner, handles: KeyHandles) -> None:
+        self._hsm = hsm
+        self._handles = handles
+        self._pending: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def note(self, key_id: str) -> None:
+        self._pending.add(key_id)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        while self._pending:
+            key_ids, self._pending = list(self._pending), set()
+            try:
+                dropped = await self._hsm.run(evict_keys, self._handles, key_ids)
+                if dropped:
+                    log.info("dropped %d unwrapped handle(s) of changed keys %s", dropped,
+                             ", ".join(key_ids[:5]))
+            except KlmError as exc:  # a lost session takes its handles with it anyway
+                log.warning("handle eviction skipped (%s)", exc.code)
+
+
 def usage_deps(keygen: Keygen, settings: UsageSettings) -> UsageDeps:
     prefix = settings.reply_prefix or f"{keygen.settings.topic_prefix}{REPLY_TOPIC_BASE}"
-    cache = KeyCache(keygen.settings.service_dsn("keygen"), settings.key_cache_seconds)
+    handles = KeyHandles(settings.cache_size)
+    evictions = HandleEvictions(keygen.hsm, handles)
+    cache = KeyCache(keygen.settings.service_dsn("keygen"), settings.key_cache_seconds,
+                     on_change=evictions.note)
     cache.start()
     return UsageDeps(
         hsm=keygen.hsm, store=PgUsageStore(keygen.pool, keygen.topics.lifecycle, cache),
         replies=KafkaReplies(keygen.producer),
         dead_letters=DeadLetters(keygen.broker, keygen.topics, "keygen-usage"),
-        reply_prefix=prefix, handles=KeyHandles(settings.cache_size),
-        on_commit=keygen.relay.wake)
+        reply_prefix=prefix, handles=handles, on_commit=keygen.relay.wake)
 
 
 def register(keygen: Keygen) -> None:
