@@ -75,3 +75,13 @@ async def test_large_batch_is_pipelined_in_chunks_each_answered_once(deps: Deps)
     assert deps.hsm.calls == [4, 4, 2]  # type: ignore[attr-defined]
     answers = deps.keystore.outbox  # type: ignore[attr-defined]
     assert [a.correlationid for a in answers] == [r.id for r in requests]
+
+
+async def test_request_in_flight_in_another_batch_is_left_to_it(deps: Deps) -> None:
+    r = request()
+    deps.in_flight.add(r.id)  # another subscriber's batch is serving it right now
+    await handle_request_batch([record(r.to_bytes())], deps)
+    assert deps.hsm.calls == []  # type: ignore[attr-defined]
+    deps.in_flight.clear()
+    await handle_request_batch([record(r.to_bytes())], deps)
+    assert len(deps.keystore.outbox) == 1  # type: ignore[attr-defined]

@@ -72,6 +72,8 @@ class Deps:
     csrs: CertificateRequests | None = None
     #: a batch is served in chunks of this many events, pipelined (HSM ∥ Postgres)
     chunk_size: int = 128
+    #: ids being served by a batch of this process (the subscribers run concurrently)
+    in_flight: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,15 +141,25 @@ async def handle_batch(records: Sequence[ConsumerRecord[bytes, bytes]], deps: De
 async def _handle(records: Sequence[ConsumerRecord[bytes, bytes]], deps: Deps,
                   routes: Routes) -> None:
     inbound = _dedupe(await split_batch(records, deps.dead_letters))
-    done = await deps.keystore.processed([i.event.id for i in inbound])
-    fresh = [i.event for i in inbound if i.event.id not in done]
-    if not fresh:
-        return
-    tenants = {i.event.id: tenant_of_topic(i.record.topic) for i in inbound}
-    size = max(1, deps.chunk_size)
-    chunks = [c for c in (_prepare(fresh[i:i + size], routes, tenants, deps.policy)
-                          for i in range(0, len(fresh), size)) if c.handled]
-    await _serve_pipelined(chunks, deps, routes, tenants)
+    # an id another batch of this process is serving right now (the same request sent to
+    # two topics) is left to that batch: it answers it, or fails and is redelivered. Two
+    # concurrent attempts would both pass the inbox pre-check, and a resident key's retry
+    # clean-up (same CKA_ID) could destroy the object of the attempt that commits.
+    inbound = [i for i in inbound if i.event.id not in deps.in_flight]
+    ids = {i.event.id for i in inbound}
+    deps.in_flight |= ids
+    try:
+        done = await deps.keystore.processed([i.event.id for i in inbound])
+        fresh = [i.event for i in inbound if i.event.id not in done]
+        if not fresh:
+            return
+        tenants = {i.event.id: tenant_of_topic(i.record.topic) for i in inbound}
+        size = max(1, deps.chunk_size)
+        chunks = [c for c in (_prepare(fresh[i:i + size], routes, tenants, deps.policy)
+                              for i in range(0, len(fresh), size)) if c.handled]
+        await _serve_pipelined(chunks, deps, routes, tenants)
+    finally:
+        deps.in_flight -= ids
 
 
 @dataclass
