@@ -2,6 +2,10 @@
 
 * :mod:`.requests` — ``klm.requests``: generate_key, rotate_key, suspend/reactivate/revoke,
   schedule/cancel destruction (the public lifecycle requests)
+* :mod:`.commands` — ``klm.commands``: destroy_key, deactivate_version (sent by rotation)
+* :mod:`.batch` — how a batch of either is served (inbox, chunks, one HSM call and one
+  transaction per chunk); :mod:`.orphans` — the start-up sweep of resident objects with no
+  keystore row (not a subscriber)
 
 Each module has ``register(keygen)`` which subscribes its handlers on the broker;
 ``klm_keygen.app.AREAS`` lists the modules.
