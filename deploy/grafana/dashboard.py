@@ -47,11 +47,14 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]], str]]]] =
         ("Oldest active key", "stat", "s", [
             ("age", "max(klm_key_oldest_active_age_seconds)")], ""),
         ("Rotations due / overdue", "stat", "short", [
-            ("due", "sum(klm_rotations_due)"), ("overdue", "sum(klm_rotations_overdue)")],
+            ("due", "sum(klm_rotation_due)"), ("overdue", "sum(klm_rotation_overdue)")],
          "Due: cryptoperiod ends within the notice window. Overdue: past it, not rotated."),
-        ("Policy violations (1h) by severity", "timeseries", "short", [
-            ("{{klm_policy_severity}}",
-             "sum by (klm_policy_severity) (increase(klm_policy_violations_total[1h]))")], ""),
+        ("Open policy findings by severity", "timeseries", "short", [
+            ("{{severity}}", "sum by (severity) (klm_policy_violations)")],
+         "Findings of the crypto policy still open in the inventory (rotation)."),
+        ("Policy findings raised (1h) by code", "timeseries", "short", [
+            ("{{code}} {{severity}}",
+             "sum by (code, severity) (increase(klm_policy_violations_raised_total[1h]))")], ""),
     ]),
     ("HSM", [
         ("HSM call latency p99 by operation", "timeseries", "s", [

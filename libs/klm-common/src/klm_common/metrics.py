@@ -59,6 +59,8 @@ class MetricSpec:
     description: str
     attributes: tuple[str, ...] = ()
     buckets: tuple[float, ...] | None = None
+    #: None: created here (klm-common); else the service that creates and reports it
+    owner: str | None = None
 
 
 # ---- the catalogue ---------------------------------------------------------------------------
@@ -76,13 +78,20 @@ KEYS = MetricSpec(
 OLDEST_ACTIVE_KEY_AGE = MetricSpec(
     "klm.key.oldest_active.age", Kind.GAUGE, "s", "Age of the oldest active key version")
 ROTATIONS_DUE = MetricSpec(
-    "klm.rotations.due", Kind.GAUGE, "{key}",
-    "Keys whose cryptoperiod ends within the policy's notice window")
+    "klm.rotation.due", Kind.GAUGE, "{key}",
+    "Keys whose automatic rotation falls due within the policy's notice window")
+# the three below are created and reported by the rotation service (klm_rotation/metrics.py);
+# the catalogue names them so that dashboards and tests know them
 ROTATIONS_OVERDUE = MetricSpec(
-    "klm.rotations.overdue", Kind.GAUGE, "{key}", "Keys past their cryptoperiod, not rotated")
+    "klm.rotation.overdue", Kind.GAUGE, "{key}", "Keys whose automatic rotation is overdue",
+    owner="rotation")
 POLICY_VIOLATIONS = MetricSpec(
-    "klm.policy.violations", Kind.COUNTER, "{violation}", "Policy violations found",
-    ("klm.policy.severity", "klm.policy.rule"))
+    "klm.policy.violations", Kind.GAUGE, "{finding}",
+    "Open policy findings in the inventory, by code and severity", ("code", "severity"),
+    owner="rotation")
+POLICY_VIOLATIONS_RAISED = MetricSpec(
+    "klm.policy.violations.raised", Kind.COUNTER, "{finding}", "Policy findings raised",
+    ("code", "severity"), owner="rotation")
 HSM_OPERATION_DURATION = MetricSpec(
     "klm.hsm.operation.duration", Kind.HISTOGRAM, "s",
     "Time of one call on the HSM thread (a call may be a batch of operations)",
@@ -116,9 +125,9 @@ AUDIT_VERIFICATION_RESULT = MetricSpec(
 
 CATALOGUE: tuple[MetricSpec, ...] = (
     REQUESTS, REQUEST_DURATION, KEYS, OLDEST_ACTIVE_KEY_AGE, ROTATIONS_DUE, ROTATIONS_OVERDUE,
-    POLICY_VIOLATIONS, HSM_OPERATION_DURATION, HSM_OPERATION_ERRORS, DLQ_RECORDS,
-    CONSUMER_LAG, OUTBOX_BACKLOG, OUTBOX_PUBLISHED, OUTBOX_PUBLISH_DURATION, AUDIT_CHAIN_HEAD,
-    AUDIT_VERIFICATION_RESULT)
+    POLICY_VIOLATIONS, POLICY_VIOLATIONS_RAISED, HSM_OPERATION_DURATION, HSM_OPERATION_ERRORS,
+    DLQ_RECORDS, CONSUMER_LAG, OUTBOX_BACKLOG, OUTBOX_PUBLISHED, OUTBOX_PUBLISH_DURATION,
+    AUDIT_CHAIN_HEAD, AUDIT_VERIFICATION_RESULT)
 BY_NAME = {spec.name: spec for spec in CATALOGUE}
 
 _UNIT_SUFFIX = {"s": "seconds", "ms": "milliseconds", "By": "bytes", "1": ""}
@@ -194,6 +203,8 @@ class _Instruments:
         made = self._made.get(spec.name)
         if made is not None:
             return made
+        if spec.owner is not None:
+            raise ValueError(f"{spec.name} is created and reported by {spec.owner}")
         with self._lock:
             if spec.name not in self._made:
                 self._made[spec.name] = _create(metrics.get_meter(METER_NAME), spec)
@@ -201,7 +212,8 @@ class _Instruments:
 
     def create_all(self) -> None:
         for spec in CATALOGUE:
-            self.get(spec)
+            if spec.owner is None:
+                self.get(spec)
 
 
 def _create(meter: metrics.Meter, spec: MetricSpec) -> Any:

@@ -145,7 +145,6 @@ class OutboxRelay:
                             if len(rows) >= self._batch else 0)
         self.published += len(rows)
         self._observe(len(rows), time.perf_counter() - started)
-        _count_policy_violations(rows)
         return len(rows)
 
     def _observe(self, published: int, seconds: float) -> None:
@@ -154,23 +153,6 @@ class OutboxRelay:
             metrics.add(metrics.OUTBOX_PUBLISHED, published, attrs)
             metrics.record(metrics.OUTBOX_PUBLISH_DURATION, seconds, attrs)
         metrics.set_gauge(metrics.OUTBOX_BACKLOG, self.backlog, attrs)
-
-
-_VIOLATION = b'"klm.key.policy_violation"'
-
-
-def _count_policy_violations(rows: Sequence[Any]) -> None:
-    """``klm.policy.violations`` counts findings once they are published (whoever found them:
-    the relay is the one place every fact passes); a cleared finding is not a violation."""
-    for row in rows:
-        value = bytes(row["value"])
-        if _VIOLATION not in value:
-            continue
-        data = json.loads(value).get("data") or {}
-        if not data.get("cleared"):
-            metrics.add(metrics.POLICY_VIOLATIONS, 1, {
-                "klm.policy.severity": str(data.get("severity", "")),
-                "klm.policy.rule": str(data.get("rule", ""))})
 
 
 def _publish_span(topic: str, stored: dict[str, str]) -> tuple[list[tuple[str, bytes]], Any]:
