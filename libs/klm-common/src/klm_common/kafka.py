@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import logging
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,13 @@ from opentelemetry import metrics, trace
 
 from klm_common import inbound_telemetry
 from klm_common import metrics as klm_metrics
-from klm_common.envelope import CloudEvent, EnvelopeInvalid, make_event, parse_envelope
+from klm_common.envelope import (
+    MAX_RECORD_BYTES,
+    CloudEvent,
+    EnvelopeInvalid,
+    make_event,
+    parse_envelope,
+)
 from klm_common.events import DeadLetter
 from klm_common.inbound_telemetry import InboundTelemetry
 from klm_common.settings import KlmSettings
@@ -74,6 +81,7 @@ def make_broker(settings: KlmSettings, client_id: str, **kwargs: Any) -> KafkaBr
     continues the trace found in each record's ``traceparent`` header (batches link theirs),
     and events written to an outbox inside a handler carry that context onwards."""
     kwargs.setdefault("security", broker_security(settings, principal_for(client_id)))
+    kwargs.setdefault("parser", tolerant_headers)
     return KafkaBroker(
         settings.kafka_bootstrap,
         client_id=client_id,
@@ -89,6 +97,28 @@ def make_broker(settings: KlmSettings, client_id: str, **kwargs: Any) -> KafkaBr
                      InboundTelemetry],
         **kwargs,
     )
+
+
+def _decodable(headers: Sequence[tuple[str, bytes | None]]) -> bool:
+    try:
+        for _, value in headers:
+            value.decode()  # type: ignore[union-attr]  # None is not decodable either
+    except (UnicodeDecodeError, AttributeError):
+        return False
+    return True
+
+
+async def tolerant_headers(msg: Any, original: Callable[[Any], Awaitable[Any]]) -> Any:
+    """FastStream decodes every header value as UTF-8 before a handler runs: ONE record with a
+    non-UTF-8 (or null) header value would fail its whole batch on every redelivery — a
+    poison pill that stalls the partition (found by fuzzing, docs/reliability.md). Such
+    values are replaced (U+FFFD) in place; the record's value, key and position are
+    untouched, so the handler still parses it (and dead-letters it if it is bad)."""
+    for record in msg if isinstance(msg, tuple) else (msg,):
+        if not _decodable(record.headers):
+            record.headers = [(name, (value or b"").decode("utf-8", "replace").encode())
+                              for name, value in record.headers]
+    return await original(msg)
 
 
 def make_producer(settings: KlmSettings, client_id: str) -> AIOKafkaProducer:
@@ -155,6 +185,14 @@ def dead_letter_id(record: ConsumerRecord[bytes, bytes]) -> str:
     return str(uuid.uuid5(KLM_NAMESPACE, f"{record.topic}/{record.partition}/{record.offset}"))
 
 
+#: the largest record a dead letter copies whole: its base64 plus the envelope must stay
+#: under MAX_RECORD_BYTES, or the letter itself is unreadable by KLM consumers (audit), and
+#: copies of records over Kafka's message size would fail the DLQ publish and stall the batch
+DLQ_COPY_MAX = (MAX_RECORD_BYTES - 8192) * 3 // 4
+#: how much of a larger record its dead letter keeps (with the SHA-256 of all of it)
+OVERSIZE_KEPT = 4096
+
+
 class DeadLetters:
     """Publishes unparseable input to ``klm.dlq`` and waits until Kafka has it (acks=all)."""
 
@@ -165,9 +203,15 @@ class DeadLetters:
         self.count = 0
 
     def letter(self, record: ConsumerRecord[bytes, bytes], error: str) -> CloudEvent:
+        original = record.value or b""
+        if len(original) > DLQ_COPY_MAX:  # keep a prefix + digest, so the letter fits
+            error = (f"(first {OVERSIZE_KEPT} of {len(original)} bytes kept, sha256 "
+                     f"{hashlib.sha256(original).hexdigest()}) {error}")
+            original = original[:OVERSIZE_KEPT]
+        key = (record.key or b"")[:1024]  # record keys are small; a hostile one is cut
         data = DeadLetter(
-            original_b64=base64.b64encode(record.value or b"").decode(),
-            original_key_b64=base64.b64encode(record.key).decode() if record.key else None,
+            original_b64=base64.b64encode(original).decode(),
+            original_key_b64=base64.b64encode(key).decode() if key else None,
             topic=record.topic, partition=record.partition, offset=record.offset,
             error=error[:2000], consumer=self._consumer)
         return make_event(DeadLetter.event_type, data, source=f"klm/{self._consumer}",
