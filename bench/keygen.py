@@ -206,6 +206,30 @@ def request_bytes(fields: dict[str, Any], i: int) -> tuple[str, bytes]:
     return ev.id, ev.to_bytes()
 
 
+class CpuMeter:
+    """CPU seconds used by one process and by the whole machine between start and stop."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def _sample(self) -> tuple[float, float, float]:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        proc = (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime
+        cpu = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = (cpu[3] + cpu[4]) / self.tick
+        return proc, sum(cpu) / self.tick - idle, time.perf_counter()
+
+    def __enter__(self) -> CpuMeter:
+        self._start = self._sample()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        end = self._sample()
+        self.process, self.busy, self.wall = (e - s for e, s in
+                                              zip(end, self._start, strict=True))
+
+
 async def max_rate(producer: AIOKafkaProducer, answers: Answers, topic: str,
                    fields: dict[str, Any], n: int) -> float:
     """Publish ``n`` requests at once; keys per second until the last answer."""
@@ -326,8 +350,16 @@ def write_section(table: list[str], facts: list[str], command: str,
     doc.write_text(text)
 
 
-async def run(quick: bool, profile: str | None = None, only: str | None = None,
-              write: bool = True, rate: float | None = None) -> None:
+@dataclass
+class Options:
+    quick: bool = False
+    profile: str | None = None
+    only: str | None = None
+    write: bool = True
+    rate: float | None = None
+
+
+async def run(opts: Options) -> None:
     stack = {**local_stack_env(REPO), **{k: v for k, v in os.environ.items()
                                          if k.startswith(("KLM_", "SOFTHSM2"))}}
     ns = await create_namespace(stack)
@@ -338,44 +370,68 @@ async def run(quick: bool, profile: str | None = None, only: str | None = None,
     print(f"keygen log: {keygen.log_path}")
     profiler: subprocess.Popen[bytes] | None = None
     try:
-        seconds = 1.0 if quick else 3.0
-        raw = raw_rates(ns, seconds)
+        raw = raw_rates(ns, 1.0 if opts.quick else 3.0)
         keygen.start()
-        if profile:
-            profiler = _profile(keygen, profile)
-        topics = Topics(ns.settings.topic_prefix)
-        answers = Answers(ns.settings.kafka_bootstrap, topics.lifecycle)
-        await answers.start()
-        producer = AIOKafkaProducer(bootstrap_servers=ns.settings.kafka_bootstrap,
-                                    enable_idempotence=True, acks="all", linger_ms=1)
-        await producer.start()
-        rows = []
-        try:
-            await max_rate(producer, answers, topics.requests, ALGORITHMS["AES-256"], 200)
-            for name, fields in ALGORITHMS.items():
-                if only and name != only:
-                    continue
-                gen, wrap = raw[name]
-                n = max(20, int(gen * (2 if quick else 5))) if name != "RSA-2048" \
-                    else (15 if quick else 40)
-                e2e = await max_rate(producer, answers, topics.requests, fields, n)
-                load = rate or e2e / 2
-                lat, stages = await paced_latencies(producer, answers, topics.requests,
-                                                    fields, load, 4.0 if quick else 10.0)
-                rows.append((name, gen, wrap, n, e2e, load, lat, stages))
-                print(f"{name}: raw {gen:.0f}/s (gen+wrap {wrap:.0f}/s), e2e {e2e:.0f}/s "
-                      f"over {n} keys, ratio {e2e / gen:.0%}; at {load:.0f}/s: "
-                      f"p50 {percentile(lat, 50):.1f} ms, p99 {percentile(lat, 99):.1f} ms; "
-                      "stages {:.1f} / {:.1f} / {:.1f} ms".format(*stages), flush=True)
-        finally:
-            await producer.stop()
-            await answers.stop()
+        if opts.profile:
+            profiler = _profile(keygen, opts.profile)
+        rows, bursts = await measure_pipeline(ns, keygen, raw, opts)
     finally:
-        if profile and profiler is not None:
+        if profiler is not None:
             profiler.send_signal(2)
             profiler.wait(timeout=60)
         keygen.terminate()
         await drop_namespace(ns, stack)
+    table = report(rows, bursts)
+    print("\n".join(table))
+    command = "eval \"$(infra/stack.sh env)\" && .venv/bin/python bench/keygen.py" + \
+        (" --quick" if opts.quick else "")
+    if opts.write:
+        write_section(table, machine_facts(), command, rows)
+
+
+async def measure_pipeline(ns: Namespace, keygen: ServiceProcess,
+                           raw: dict[str, tuple[float, float]], opts: Options
+                           ) -> tuple[list[Any], list[Any]]:
+    """Per algorithm: the burst maximum (with CPU use) and the paced latencies."""
+    topics = Topics(ns.settings.topic_prefix)
+    answers = Answers(ns.settings.kafka_bootstrap, topics.lifecycle)
+    await answers.start()
+    producer = AIOKafkaProducer(bootstrap_servers=ns.settings.kafka_bootstrap,
+                                enable_idempotence=True, acks="all", linger_ms=1)
+    await producer.start()
+    rows: list[Any] = []
+    bursts: list[Any] = []
+    assert keygen.proc is not None
+    try:
+        await max_rate(producer, answers, topics.requests, ALGORITHMS["AES-256"], 200)
+        for name, fields in ALGORITHMS.items():
+            if opts.only and name != opts.only:
+                continue
+            gen, wrap = raw[name]
+            n = max(20, int(gen * (2 if opts.quick else 5))) if name != "RSA-2048" \
+                else (15 if opts.quick else 40)
+            with CpuMeter(keygen.proc.pid) as cpu:
+                e2e = await max_rate(producer, answers, topics.requests, fields, n)
+            cores = os.cpu_count() or 1
+            bursts.append((name, cpu.process / n * 1000, cpu.process / cpu.wall,
+                           cpu.busy / (cpu.wall * cores)))
+            load = opts.rate or e2e / 2
+            lat, stages = await paced_latencies(producer, answers, topics.requests,
+                                                fields, load, 4.0 if opts.quick else 10.0)
+            rows.append((name, gen, wrap, n, e2e, load, lat, stages))
+            print(f"{name}: raw {gen:.0f}/s (gen+wrap {wrap:.0f}/s), e2e {e2e:.0f}/s "
+                  f"over {n} keys, ratio {e2e / gen:.0%}; at {load:.0f}/s: "
+                  f"p50 {percentile(lat, 50):.1f} ms, p99 {percentile(lat, 99):.1f} ms; "
+                  "stages {:.1f} / {:.1f} / {:.1f} ms; ".format(*stages)
+                  + "burst: keygen {:.2f} CPU-ms/key, {:.0%} of a core, machine {:.0%} "
+                  "busy".format(*bursts[-1][1:]), flush=True)
+    finally:
+        await producer.stop()
+        await answers.stop()
+    return rows, bursts
+
+
+def report(rows: list[Any], bursts: list[Any]) -> list[str]:
     table = ["| algorithm | raw gen/s | raw gen+wrap/s | e2e max keys/s (n) | e2e/raw | "
              "latency at | p50 ms | p99 ms | median stages ms: in→made / →relayed / →consumed |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -384,11 +440,18 @@ async def run(quick: bool, profile: str | None = None, only: str | None = None,
                      f"{e2e / gen:.0%} | {load:,.1f}/s | {percentile(lat, 50):.1f} | "
                      f"{percentile(lat, 99):.1f} | "
                      "{:.1f} / {:.1f} / {:.1f} |".format(*stages))
-    print("\n".join(table))
-    command = "eval \"$(infra/stack.sh env)\" && .venv/bin/python bench/keygen.py" + \
-        (" --quick" if quick else "")
-    if write:
-        write_section(table, machine_facts(), command, rows)
+    table += ["", "During each burst (from /proc): keygen's CPU time per key (HSM work "
+              "included: SoftHSM runs in keygen's process), the share of one core keygen got, "
+              "how busy the whole machine was, and the rate keygen's own CPU cost allows on "
+              "one core (1000 / CPU-ms per key) next to the raw rate:", "",
+              "| algorithm | keygen CPU-ms/key | keygen got | machine busy | "
+              "one-core ceiling keys/s | ceiling/raw |",
+              "|---|---:|---:|---:|---:|---:|"]
+    raw = {r[0]: r[1] for r in rows}
+    table += [f"| {name} | {per_key:.2f} | {share:.0%} of a core | {busy:.0%} | "
+              f"{1000 / per_key:,.1f} | {1000 / per_key / raw[name]:.0%} |"
+              for name, per_key, share, busy in bursts]
+    return table
 
 
 def _profile(keygen: ServiceProcess, path: str) -> subprocess.Popen[bytes]:
@@ -407,7 +470,8 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/")
     parser.add_argument("--rate", type=float, help="latency load (default: half the max)")
     args = parser.parse_args()
-    asyncio.run(run(args.quick, args.profile, args.only, not args.no_write, args.rate))
+    asyncio.run(run(Options(args.quick, args.profile, args.only, not args.no_write,
+                            args.rate)))
 
 
 if __name__ == "__main__":
