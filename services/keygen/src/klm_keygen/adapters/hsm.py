@@ -113,10 +113,17 @@ class Pkcs11Hsm:
         self._last_attempt = 0.0
         #: incremented at every (re)open: object handles from an older session are void
         self.generation = 0
+        self._reopen_hooks: list[Callable[[], None]] = []
 
     @property
     def token_label(self) -> str:
         return self._token_label
+
+    def on_reopen(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` on the HSM thread after every re-open (not the first open): the
+        library was re-initialised, so every cached object handle (unwrapped keys, a
+        resident signing key) is void and must be forgotten, not destroyed."""
+        self._reopen_hooks.append(hook)
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def open(self) -> None:
@@ -184,6 +191,9 @@ class Pkcs11Hsm:
                                  f"{type(exc).__name__} {exc}".strip()) from exc
         self.generation += 1
         log.info("HSM session open on token %r", self._token_label)
+        if self.generation > 1:
+            for hook in self._reopen_hooks:
+                hook()
 
     def _drop_session(self) -> None:
         session, self._session, self._kek = self._session, None, None
