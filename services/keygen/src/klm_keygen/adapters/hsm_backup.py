@@ -272,11 +272,13 @@ def _unwrap_backup(backup_kek: Any, material: BackupMaterial) -> Any:
                        template=_scratch_template(object_class, key_type))
 
 
-def restore_versions(session: Any, master_kek: Any, materials: Sequence[BackupMaterial]
-                     ) -> list[RestoredVersion]:
+def restore_versions(session: Any, master_kek: Any, materials: Sequence[BackupMaterial],
+                     backup_kek: Any = None) -> list[RestoredVersion]:
     """Unwrap every version of one key, prove each, re-wrap under the (new) master KEK or
-    re-create the token object; all or nothing: the first failure raises."""
-    backup_kek = find_backup_kek(session) if any(m.blob_b64 for m in materials) else None
+    re-create the token object; all or nothing: the first failure raises. Pass
+    ``backup_kek`` when restoring many keys (finding it is a token search)."""
+    if backup_kek is None and any(m.blob_b64 for m in materials):
+        backup_kek = find_backup_kek(session)
     restored = []
     for material in materials:
         if material.blob_b64 is None:

@@ -53,6 +53,7 @@ from klm_keygen.adapters.hsm_backup import (
     RestoredVersion,
     backup_kek_kcv,
     check_blobs,
+    find_backup_kek,
     restore_versions,
     wrap_for_backup,
 )
@@ -212,10 +213,12 @@ def restore_keys(session: Any, master_kek: Any, commands: Sequence[RestoreVersio
                  ) -> list[list[RestoredVersion] | KlmError]:
     """On the HSM thread: each command's versions, or the coded error that stopped it."""
     out: list[list[RestoredVersion] | KlmError] = []
+    needs_kek = any(m.blob_b64 for data in commands for m in data.materials)
+    backup_kek = find_backup_kek(session) if needs_kek else None
     for data in commands:
         try:
             _same_key(data)
-            out.append(restore_versions(session, master_kek, data.materials))
+            out.append(restore_versions(session, master_kek, data.materials, backup_kek))
         except InfrastructureError:
             raise
         except KlmError as exc:
