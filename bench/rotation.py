@@ -24,6 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 from benchlib import KlmNamespace, provenance, write_section
@@ -54,6 +55,7 @@ class Figures:
     load_s: float
     dispatch_runs: list[float]
     cpu_s: float
+    pg_cpu_s: float
     dispatched: int
     relay_s: float
     relayed: int
@@ -141,25 +143,48 @@ async def again(admin_dsn: str) -> None:
         await admin.close()
 
 
-async def dispatch_runs(deps: Deps, admin_dsn: str) -> tuple[list[float], float, int]:
-    """``RUNS`` timed runs of dispatch_due over the same due rows: wall times, the
-    dispatcher's CPU seconds (median run) and the count."""
-    walls, cpus, count = [], [], 0
+def backend_cpu(pids: list[int]) -> float:
+    """CPU seconds the Postgres backends ``pids`` have used (utime + stime, /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+async def backend_pids(pool: asyncpg.Pool, n: int) -> list[int]:
+    """The server pids of the pool's ``n`` connections (the pool holds exactly ``n``)."""
+    conns = [await pool.acquire() for _ in range(n)]
+    pids = [c.get_server_pid() for c in conns]
+    for conn in conns:
+        await pool.release(conn)
+    return pids
+
+
+async def dispatch_runs(deps: Deps, pool: asyncpg.Pool, admin_dsn: str
+                        ) -> tuple[list[float], float, float, int]:
+    """``RUNS`` timed runs of dispatch_due over the same due rows: wall times, the CPU
+    seconds of the dispatcher and of its Postgres backends (median run), and the count."""
+    pids = await backend_pids(pool, deps.dispatch_workers)
+    walls, cpus, pg_cpus, count = [], [], [], 0
     for run in range(RUNS):
         if run:
             await again(admin_dsn)
-        wall, cpu = time.perf_counter(), time.process_time()
+        wall, cpu, pg = time.perf_counter(), time.process_time(), backend_cpu(pids)
         count = await dispatch_due(deps)
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
-    return walls, statistics.median(cpus), count
+        pg_cpus.append(backend_cpu(pids) - pg)
+    return walls, statistics.median(cpus), statistics.median(pg_cpus), count
 
 
 async def measure(keys: int, due: int) -> Figures:
     namespace = await KlmNamespace().create()
     try:
         settings = namespace.settings()
-        pool = await create_pool(settings, "rotation")
+        pool = await create_pool(settings.model_copy(update={"pg_pool_max": 2}), "rotation",
+                                 max_inactive_connection_lifetime=0)
         try:
             load_s = await load(pool, settings.admin_dsn(), keys, due)
             plan = await explain(pool)
@@ -167,7 +192,8 @@ async def measure(keys: int, due: int) -> Figures:
                         policy=PolicyInForce(load_policy(), "default"),
                         topics=Topics(settings.topic_prefix), day_seconds=DAY,
                         clock=lambda: NOW, dispatch_batch=2000, dispatch_workers=2)
-            walls, cpu_s, dispatched = await dispatch_runs(deps, settings.admin_dsn())
+            walls, cpu_s, pg_cpu_s, dispatched = await dispatch_runs(deps, pool,
+                                                                     settings.admin_dsn())
             relayed, relay_s = await relay_all(pool, settings)
             start = time.perf_counter()
             scanned = 0
@@ -178,8 +204,8 @@ async def measure(keys: int, due: int) -> Figures:
             await pool.close()
     finally:
         await namespace.drop()
-    return Figures(keys, due, load_s, walls, cpu_s, dispatched, relay_s, relayed, scanned,
-                   scan_s, plan)
+    return Figures(keys, due, load_s, walls, cpu_s, pg_cpu_s, dispatched, relay_s, relayed,
+                   scanned, scan_s, plan)
 
 
 def report(figures: list[Figures]) -> str:
@@ -193,13 +219,13 @@ def report(figures: list[Figures]) -> str:
              "then publish them (outbox relay → Kafka, acks=all). Target: ≤ 2 s for 10,000 due.",
              "",
              f"| inventory | due | find + dispatch, median of {RUNS} (all runs) | rate | "
-             "dispatcher CPU | relay to Kafka | scan (20 pages × 1,000 keys) |",
+             "CPU: dispatcher + Postgres | relay to Kafka | scan (20 pages × 1,000 keys) |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for f in figures:
         runs = ", ".join(f"{w:.2f}" for w in f.dispatch_runs)
         lines.append(
             f"| {f.keys:,} | {f.dispatched:,} | {f.dispatch_s:.2f} s ({runs}) | "
-            f"{f.dispatched / f.dispatch_s:,.0f}/s | {f.cpu_s:.2f} s | "
+            f"{f.dispatched / f.dispatch_s:,.0f}/s | {f.cpu_s:.2f} s + {f.pg_cpu_s:.2f} s | "
             f"{f.relay_s:.2f} s ({f.relayed:,}) | {f.scan_keys / f.scan_s:,.0f} keys/s |")
     if len(figures) >= 2:
         small, big = figures[0], figures[-1]
