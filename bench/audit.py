@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import platform
 import random
 import statistics
 import time
@@ -87,7 +89,16 @@ async def history_latency(store: PostgresAuditStore, key_ids: list[str], samples
     return statistics.median(times), times[int(len(times) * 0.99) - 1]
 
 
+def machine(load_before: tuple[float, float, float], server: str) -> str:
+    """The facts a reader needs to weigh the figures (a shared machine is noisy)."""
+    load_after = os.getloadavg()
+    return (f"machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+            f"Python {platform.python_version()}, {server.partition(' on ')[0]}; load average "
+            f"{load_before[0]:.1f} at start, {load_after[0]:.1f} at end")
+
+
 async def main(total: int, ingest_n: int, batch: int) -> None:
+    load_before = os.getloadavg()
     settings = KlmSettings()
     name = f"bench_audit_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(settings.admin_dsn())
@@ -120,6 +131,7 @@ async def main(total: int, ingest_n: int, batch: int) -> None:
         deep = await verify_store(store)
         deep_rate = deep.checked / (time.perf_counter() - start)
         assert result.ok and deep.ok, (result, deep)
+        server = await db.fetchval("SELECT version()")
         await db.close()
         await pool.close()
         print(f"| metric | result | target |\n|---|---|---|\n"
@@ -134,7 +146,7 @@ async def main(total: int, ingest_n: int, batch: int) -> None:
               f"| full-chain verification (hash chain) | {verify_rate:,.0f} events/s | "
               f"≥ 300,000 events/s |\n"
               f"| … plus indexed columns re-checked against each event | "
-              f"{deep_rate:,.0f} events/s | — |")
+              f"{deep_rate:,.0f} events/s | — |\n\n{machine(load_before, server)}")
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()

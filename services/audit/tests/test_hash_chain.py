@@ -19,6 +19,7 @@ from klm_audit.domain.hash_chain import (
     canonical_json,
     canonicalise_received,
     link_hash,
+    pack_rows,
 )
 
 
@@ -82,8 +83,12 @@ def chain(n: int) -> list[Link]:
 
 
 def verify(links: list[Link]) -> ChainVerifier:
-    verifier = ChainVerifier()
+    """Through both entry points: links, and the packed layout the Postgres store sends."""
+    verifier, packed = ChainVerifier(), ChainVerifier()
     verifier.feed(links)
+    packed.feed_packed(pack_rows((k.sequence, k.prev_hash, k.hash, k.canonical) for k in links))
+    assert (packed.broken, packed.head_sequence, packed.head_hash, packed.checked) == \
+        (verifier.broken, verifier.head_sequence, verifier.head_hash, verifier.checked)
     return verifier
 
 

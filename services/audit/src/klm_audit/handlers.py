@@ -29,7 +29,7 @@ from klm_audit.domain.ingest import (
     keys_without_owner,
     plan_append,
 )
-from klm_audit.ports import AuditStore
+from klm_audit.ports import AppendConflict, AuditStore
 from klm_common.envelope import CloudEvent, EnvelopeInvalid, parse_envelope
 
 log = logging.getLogger(__name__)
@@ -63,14 +63,32 @@ def accept(records: Iterable[ConsumerRecord[bytes, bytes]]) -> tuple[list[Accept
 
 
 async def append(store: AuditStore, batch: list[Accepted]) -> AppendResult:
-    """Append the events not stored yet, in batch order, in one locked transaction."""
+    """Append the events not stored yet, in batch order, in one transaction.
+
+    Optimistic first: after the head this process wrote last, with no lookup of the ids
+    (redeliveries are rare) and no lock — the unique ``sequence`` and ``event_id`` are the
+    arbiters. When that conflicts (a redelivered event, another writer), or the head is not
+    known, the checked path runs: append lock, stored ids, head read from the store."""
     if not batch:
         return AppendResult(0, 0, None)
-    async with store.appending() as tx:
-        new = fresh(batch, await tx.stored_ids([a.event.id for a in batch]))
+    head = store.known_head()
+    if head is not None:
+        try:
+            return await _append(store, batch, head)
+        except AppendConflict:
+            log.info("optimistic append conflicted; appending with the checks")
+    return await _append(store, batch, None)
+
+
+async def _append(store: AuditStore, batch: list[Accepted], head: ChainHead | None
+                  ) -> AppendResult:
+    async with store.appending(locked=head is None) as tx:
+        stored = await tx.stored_ids([a.event.id for a in batch]) if head is None else set()
+        new = fresh(batch, stored)
         if not new:
             return AppendResult(0, len(batch), None)
-        plan = plan_append(new, await tx.head(), await tx.owners(keys_without_owner(new)),
+        plan = plan_append(new, head or await tx.head(),
+                           await tx.owners(keys_without_owner(new)),
                            await tx.tenants_of(correlations_of(new)))
         await tx.write(plan)
     counted = sum(1 for a in new if a.event.type not in CHECKPOINT_TYPES)

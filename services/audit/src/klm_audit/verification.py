@@ -66,14 +66,14 @@ async def _walk(store: AuditStore, verifier: ChainVerifier, upto: int, chunk: in
     """Stream the chain in ranges of ``chunk`` sequences: the next range is being fetched
     (Postgres works on its own core) while this one is hashed on a worker thread."""
     after = 0
-    pending = asyncio.ensure_future(store.chain_rows(after, min(upto, after + chunk)))
+    pending = asyncio.ensure_future(store.chain_packed(after, min(upto, after + chunk)))
     while True:
-        rows = await pending
+        packed = await pending
         after = min(upto, after + chunk)
         more = after < upto
         if more:
-            pending = asyncio.ensure_future(store.chain_rows(after, min(upto, after + chunk)))
-        holds = await asyncio.to_thread(verifier.feed_rows, rows) if rows else False
+            pending = asyncio.ensure_future(store.chain_packed(after, min(upto, after + chunk)))
+        holds = await asyncio.to_thread(verifier.feed_packed, packed) if packed else False
         if not (holds and more):
             if more:
                 pending.cancel()

@@ -11,10 +11,11 @@ from datetime import UTC, datetime
 from klm_audit.domain.auth import StoredToken
 from klm_audit.domain.checkpoints import Checkpoint
 from klm_audit.domain.entries import StoredEntry
-from klm_audit.domain.hash_chain import GENESIS, ChainRow, Link
+from klm_audit.domain.hash_chain import GENESIS, Link, pack_rows
 from klm_audit.domain.ingest import AppendPlan, ChainHead
 from klm_audit.domain.inventory import Fact, KeyView, fold
 from klm_audit.domain.queries import EventFilter, KeyFilter, Scope
+from klm_audit.ports import AppendConflict
 
 
 class MemoryAppendTx:
@@ -42,6 +43,10 @@ class MemoryAppendTx:
 
     async def write(self, plan: AppendPlan) -> None:
         now = datetime.now(UTC)
+        next_sequence = len(self._store.rows) + 1
+        if plan.sealed and (plan.sealed[0].sequence != next_sequence
+                            or any(s.entry.event_id in self._store.by_id for s in plan.sealed)):
+            raise AppendConflict("sequence or event id already stored")
         for s in plan.sealed:
             e = s.entry
             row = StoredEntry(s.sequence, e.event_id, e.type, e.subject, e.key_version, e.source,
@@ -62,9 +67,15 @@ class MemoryAuditStore:
         self._lock = asyncio.Lock()
 
     @asynccontextmanager
-    async def appending(self) -> AsyncIterator[MemoryAppendTx]:
+    async def appending(self, *, locked: bool = True) -> AsyncIterator[MemoryAppendTx]:
         async with self._lock:
             yield MemoryAppendTx(self)
+
+    def known_head(self) -> ChainHead | None:
+        """Like Postgres: the head after the last append, to exercise the optimistic path
+        (a stale one makes :meth:`MemoryAppendTx.write` raise ``AppendConflict``)."""
+        rows = self.rows
+        return ChainHead(rows[-1].sequence, rows[-1].hash) if rows else None
 
     async def ping(self) -> bool:
         return True
@@ -110,9 +121,9 @@ class MemoryAuditStore:
         rows = [r for r in self.rows if after < r.sequence <= upto][:limit]
         return [Link(r.sequence, r.prev_hash, r.hash, r.canonical) for r in rows]
 
-    async def chain_rows(self, after: int, upto: int) -> Sequence[ChainRow]:
-        return [(r.sequence, r.prev_hash, r.hash, r.canonical) for r in self.rows
-                if after < r.sequence <= upto]
+    async def chain_packed(self, after: int, upto: int) -> bytes:
+        return pack_rows((r.sequence, r.prev_hash, r.hash, r.canonical) for r in self.rows
+                         if after < r.sequence <= upto)
 
     async def first_inconsistent_row(self, upto: int) -> int | None:
         for r in self.rows:

@@ -18,10 +18,11 @@ import asyncpg
 
 from klm_audit.domain.checkpoints import Checkpoint
 from klm_audit.domain.entries import StoredEntry
-from klm_audit.domain.hash_chain import GENESIS, ChainRow, Link
+from klm_audit.domain.hash_chain import GENESIS, Link
 from klm_audit.domain.ingest import AppendPlan, ChainHead
 from klm_audit.domain.inventory import Fact, KeyView, fold
 from klm_audit.domain.queries import EventFilter, KeyFilter, Scope
+from klm_audit.ports import AppendConflict
 
 #: pg_advisory_xact_lock key held by whoever appends to audit_log
 APPEND_LOCK = 7243200
@@ -35,38 +36,68 @@ _COLUMNS = ("sequence", "event_id", "type", "subject", "key_version", "source", 
             "canonical", "prev_hash", "hash")
 _CHECKPOINT_COLUMNS = ("log_sequence", "event_id", "sequence", "head_hash", "signed_at",
                        "algorithm", "signature", "public_key", "signing_key_id")
-# the key's rows (subject index), then the requests they answer (event_id index) that are
-# not the key's rows already; UNION ALL: no sort-and-compare of whole rows
-_HISTORY = """
-SELECT sequence, event_id, type, subject, key_version, source, tenant, correlation_id,
-       occurred_at, recorded_at, canonical, prev_hash, hash FROM audit_log
- WHERE subject = $1
+_ROW = """sequence, event_id, type, subject, key_version, source, tenant, correlation_id,
+       occurred_at, recorded_at, canonical, prev_hash, hash"""
+# the key's rows (event_keys projection, subject index), then the requests they answer
+# (event_id index) that are not the key's rows already; UNION ALL: no whole-row sort
+_HISTORY = f"""
+WITH k AS (SELECT sequence FROM event_keys WHERE subject = $1)
+SELECT {_ROW} FROM audit_log WHERE sequence IN (SELECT sequence FROM k)
 UNION ALL
-SELECT sequence, event_id, type, subject, key_version, source, tenant, correlation_id,
-       occurred_at, recorded_at, canonical, prev_hash, hash FROM audit_log
+SELECT {_ROW} FROM audit_log
  WHERE event_id IN (SELECT correlation_id FROM audit_log
-                     WHERE subject = $1 AND correlation_id IS NOT NULL)
+                     WHERE sequence IN (SELECT sequence FROM k)
+                       AND correlation_id IS NOT NULL)
    AND subject IS DISTINCT FROM $1
-ORDER BY sequence"""
+ORDER BY sequence"""  # noqa: S608 - composed of constants
 
-_EVENTS = """
-SELECT sequence, event_id, type, subject, key_version, source, tenant, correlation_id,
-       occurred_at, recorded_at, canonical, prev_hash, hash FROM audit_log
- WHERE sequence > $1
-   AND ($2::text IS NULL OR type = $2)
-   AND ($3::text IS NULL OR subject = $3)
-   AND ($4::text IS NULL OR source = $4)
-   AND ($5::timestamptz IS NULL OR occurred_at >= $5)
-   AND ($6::timestamptz IS NULL OR occurred_at < $6)
-   AND ($7::text IS NULL OR tenant = $7)
- ORDER BY sequence LIMIT $8"""
+_FILTERS = """
+   AND ($2::text IS NULL OR a.type = $2)
+   AND ($4::text IS NULL OR a.source = $4)
+   AND ($5::timestamptz IS NULL OR a.occurred_at >= $5)
+   AND ($6::timestamptz IS NULL OR a.occurred_at < $6)"""
+# no subject or tenant: the primary key in sequence order
+_EVENTS = f"""
+SELECT {_ROW} FROM audit_log a WHERE sequence > $1 {_FILTERS}
+   AND $3::text IS NULL AND $7::text IS NULL
+ ORDER BY sequence LIMIT $8"""  # noqa: S608 - composed of constants
+# by subject and/or tenant: through the event_keys projection's indexes
+_EVENTS_KEYED = f"""
+SELECT a.sequence, a.event_id, a.type, a.subject, a.key_version, a.source, a.tenant,
+       a.correlation_id, a.occurred_at, a.recorded_at, a.canonical, a.prev_hash, a.hash
+  FROM event_keys k JOIN audit_log a ON a.sequence = k.sequence
+ WHERE k.sequence > $1 {_FILTERS}
+   AND ($3::text IS NULL OR k.subject = $3)
+   AND ($7::text IS NULL OR k.tenant = $7)
+ ORDER BY k.sequence LIMIT $8"""  # noqa: S608 - composed of constants
+
+# the layout of ChainVerifier.feed_packed, in sequence order
+_PACKED = """
+SELECT string_agg(int4send(octet_length(c)) || prev_hash || int8send(sequence) || c || hash,
+                  ''::bytea ORDER BY sequence)
+  FROM (SELECT sequence, prev_hash, hash, textsend(canonical) AS c
+          FROM audit_log WHERE sequence > $1 AND sequence <= $2) r"""
+
+# the tenant last recorded for each key: projected rows, plus the tail not projected yet
+_OWNERS = """
+SELECT DISTINCT ON (subject) subject, tenant FROM (
+    SELECT subject, tenant, sequence FROM event_keys
+     WHERE subject = ANY($1::text[]) AND tenant IS NOT NULL
+    UNION ALL
+    SELECT subject, tenant, sequence FROM audit_log
+     WHERE sequence > (SELECT position FROM projection_position
+                        WHERE name = 'key_inventory')
+       AND subject = ANY($1::text[]) AND tenant IS NOT NULL) o
+ORDER BY subject, sequence DESC"""
 
 
 class PostgresAppendTx:
-    """The reads and the write of one append, inside the caller's locked transaction."""
+    """The reads and the write of one append, inside the caller's transaction."""
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn
+        #: the head after :meth:`write`
+        self.written: ChainHead | None = None
 
     async def stored_ids(self, event_ids: Sequence[str]) -> set[str]:
         rows = await self._conn.fetch(
@@ -83,10 +114,7 @@ class PostgresAppendTx:
         keys = list(key_ids)
         if not keys:
             return {}
-        rows = await self._conn.fetch(
-            "SELECT DISTINCT ON (subject) subject, tenant FROM audit_log "
-            "WHERE subject = ANY($1::text[]) AND tenant IS NOT NULL "
-            "ORDER BY subject, sequence DESC", keys)
+        rows = await self._conn.fetch(_OWNERS, keys)
         return {r["subject"]: r["tenant"] for r in rows}
 
     async def tenants_of(self, event_ids: Iterable[str]) -> dict[str, str | None]:
@@ -100,10 +128,11 @@ class PostgresAppendTx:
 
     async def write(self, plan: AppendPlan) -> None:
         records = [(
-            s.sequence, s.entry.event_id, s.entry.type, s.entry.subject, s.entry.key_version,
-            s.entry.source, s.entry.tenant, s.entry.correlation_id, s.entry.occurred_at,
-            s.entry.origin.topic, s.entry.origin.partition, s.entry.origin.offset,
-            s.entry.canonical.decode("utf-8"), s.prev_hash, s.hash) for s in plan.sealed]
+            s.sequence, e.event_id, e.type, e.subject, e.key_version, e.source, e.tenant,
+            e.correlation_id, e.occurred_at, e.origin.topic, e.origin.partition,
+            e.origin.offset, e.canonical.decode("utf-8"), s.prev_hash, s.hash)
+            for s in plan.sealed for e in (s.entry,)]
+        self.written = plan.head
         if records:
             await self._conn.copy_records_to_table("audit_log", records=records,
                                                    columns=_COLUMNS)
@@ -139,12 +168,27 @@ def _entry(row: asyncpg.Record) -> StoredEntry:
 class PostgresAuditStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        self._head: ChainHead | None = None
+
+    def known_head(self) -> ChainHead | None:
+        """The head this process committed last (None: read it under the lock)."""
+        return self._head
 
     @asynccontextmanager
-    async def appending(self) -> AsyncIterator[PostgresAppendTx]:
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK)
-            yield PostgresAppendTx(conn)
+    async def appending(self, *, locked: bool = True) -> AsyncIterator[PostgresAppendTx]:
+        """One append transaction; ``locked`` takes the append lock (the checked path).
+        A unique violation (sequence or event id) surfaces as :class:`AppendConflict`."""
+        self._head = None  # unknown until this append commits
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                if locked:
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK)
+                tx = PostgresAppendTx(conn)
+                yield tx
+        except asyncpg.UniqueViolationError as exc:
+            raise AppendConflict(str(exc)) from exc
+        if tx.written is not None:
+            self._head = tx.written
 
     async def ping(self) -> bool:
         return bool(await self._pool.fetchval("SELECT 1"))
@@ -157,15 +201,17 @@ class PostgresAuditStore:
         return [_entry(r) for r in rows if scope.allows(r["tenant"])]
 
     async def events(self, filters: EventFilter, scope: Scope) -> list[StoredEntry]:
+        keyed = filters.subject is not None or scope.tenant is not None
         rows = await self._pool.fetch(
-            _EVENTS,
+            _EVENTS_KEYED if keyed else _EVENTS,
             filters.after_sequence, filters.type, filters.subject, filters.source,
             filters.since, filters.until, scope.tenant, filters.limit)
         return [_entry(r) for r in rows]
 
     async def facts_of(self, key_id: str) -> list[Fact]:
         rows = await self._pool.fetch(
-            "SELECT sequence, type, canonical FROM audit_log WHERE subject = $1 "
+            "SELECT sequence, type, canonical FROM audit_log WHERE sequence IN "
+            "(SELECT sequence FROM event_keys WHERE subject = $1) "
             "AND type LIKE 'klm.key.%' ORDER BY sequence", key_id)
         return [_fact(r) for r in rows]
 
@@ -202,12 +248,12 @@ class PostgresAuditStore:
         return [Link(r["sequence"], bytes(r["prev_hash"]), bytes(r["hash"]),
                      r["canonical"].encode("utf-8")) for r in rows]
 
-    async def chain_rows(self, after: int, upto: int) -> Sequence[ChainRow]:
-        """``(sequence, prev_hash, hash, canonical UTF-8)`` for after < sequence <= upto,
-        in order: the verifier's stream (the bytes come straight from the server)."""
-        return await self._pool.fetch(  # type: ignore[no-any-return]
-            "SELECT sequence, prev_hash, hash, convert_to(canonical, 'UTF8') FROM audit_log "
-            "WHERE sequence > $1 AND sequence <= $2 ORDER BY sequence", after, upto)
+    async def chain_packed(self, after: int, upto: int) -> bytes:
+        """The rows after < sequence <= upto packed for :meth:`ChainVerifier.feed_packed`,
+        built by the server in one value: the client gets one buffer, not 4 objects a row,
+        and the server builds the next range while the client hashes this one."""
+        packed = await self._pool.fetchval(_PACKED, after, upto)
+        return bytes(packed) if packed is not None else b""
 
     async def first_inconsistent_row(self, upto: int) -> int | None:
         """First sequence whose indexed columns disagree with its hashed canonical JSON."""
@@ -241,6 +287,7 @@ class PostgresAuditStore:
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", PROJECTION_LOCK)
             await conn.execute("DELETE FROM key_inventory")
+            await conn.execute("DELETE FROM event_keys")
             await conn.execute(
                 "UPDATE projection_position SET position = 0 WHERE name = 'key_inventory'")
             while await _project_chunk(conn, PROJECTION_CHUNK * 5):
@@ -255,6 +302,10 @@ async def _project_chunk(conn: asyncpg.Connection, chunk: int) -> int:
     upto = min(head, position + chunk)
     if upto <= position:
         return 0
+    await conn.execute(
+        "INSERT INTO event_keys (sequence, subject, tenant) SELECT sequence, subject, tenant "
+        "FROM audit_log WHERE sequence > $1 AND sequence <= $2 "
+        "AND (subject IS NOT NULL OR tenant IS NOT NULL)", position, upto)
     rows = await conn.fetch(
         "SELECT sequence, type, subject, canonical FROM audit_log "
         "WHERE sequence > $1 AND sequence <= $2 AND type LIKE 'klm.key.%' "

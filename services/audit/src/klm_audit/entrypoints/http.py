@@ -96,6 +96,7 @@ async def key_history(request: Request, key_id: KeyIdPath,
                       principal: Reader) -> Response:
     """The key's events, and the requests that caused them, in sequence order."""
     audit = audit_of(request)
+    await caught_up(audit.store)
     entries = await audit.store.history(key_id, scope_of(principal))
     if not entries:
         await _visible_key(request, audit, key_id, principal)
@@ -145,6 +146,7 @@ async def events(request: Request, *, type: Text = None, subject: Text = None,
     filters = EventFilter(type=type, subject=subject, source=actor, since=_aware(since),
                           until=_aware(until), after_sequence=_sequence_cursor(cursor),
                           limit=limit)
+    await caught_up(audit_of(request).store)  # subject and tenant go through event_keys
     entries = await audit_of(request).store.events(filters, scope_of(principal))
     next_cursor = _encode_cursor(str(entries[-1].sequence)) if len(entries) == limit else None
     return Response(events_json(entries, next_cursor=next_cursor),

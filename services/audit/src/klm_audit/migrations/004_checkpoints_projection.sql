@@ -43,9 +43,26 @@ INSERT INTO projection_position (name, position)
 SELECT 'key_inventory', COALESCE(max(sequence), 0) FROM audit_log;
 GRANT SELECT, UPDATE ON projection_position TO klm_audit;
 
--- Indexes trimmed to what the queries need (each one costs every append):
--- * no query looks rows up by correlation_id (history joins the other way, on event_id);
--- * a type filter (GET /v1/events?type=) walks the primary key in sequence order, which is
---   the order it returns anyway; tenant-scoped reads keep (tenant, sequence).
+-- The append path keeps only what appending needs: the primary key (sequence), the unique
+-- event id (dedupe; byte order, "C", is all an id needs and compares fastest) and a BRIN on
+-- occurred_at (next to free). The query indexes move to a projection, event_keys, filled
+-- by the projector from the same position as the inventory: history by subject and
+-- tenant-scoped reads go through it (reads bring it up to the head first); a type filter
+-- walks the primary key in sequence order, the order it returns anyway.
+ALTER TABLE audit_log ALTER COLUMN event_id TYPE text COLLATE "C";
 DROP INDEX audit_log_correlation;
 DROP INDEX audit_log_type;
+DROP INDEX audit_log_subject;
+DROP INDEX audit_log_tenant;
+
+CREATE TABLE event_keys (
+    sequence bigint NOT NULL,
+    subject  text COLLATE "C",
+    tenant   text COLLATE "C"
+);
+INSERT INTO event_keys (sequence, subject, tenant)
+SELECT sequence, subject, tenant FROM audit_log
+ WHERE subject IS NOT NULL OR tenant IS NOT NULL;
+CREATE INDEX event_keys_subject ON event_keys (subject, sequence) WHERE subject IS NOT NULL;
+CREATE INDEX event_keys_tenant ON event_keys (tenant, sequence) WHERE tenant IS NOT NULL;
+GRANT SELECT, INSERT, DELETE ON event_keys TO klm_audit;
