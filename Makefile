@@ -54,5 +54,12 @@ bench: up ## benchmarks against the real local stack; writes docs/benchmarks.md
 	  [ "$$b" = bench/benchlib.py ] && continue; \
 	  echo "== $$b"; $(PY) $$b || exit 1; done
 
+chaos: install ## long fault run (5,000 requests, kill -9 / Kafka / Postgres / HSM faults on an own instance), security and fuzz tests; figures for docs/reliability.md
+	@$(STACK) up kafka postgres hsm
+	@eval "$$($(STACK) env)" && KLM_CHAOS_REQUESTS=$${KLM_CHAOS_REQUESTS:-5000} \
+	  KLM_CHAOS_RATE=$${KLM_CHAOS_RATE:-25} bash infra/run-pytest.sh -p no:cacheprovider -s \
+	  tests/integration/test_chaos.py tests/integration/test_security_kafka.py \
+	  tests/integration/test_fuzz_keygen.py libs/klm-common/tests/test_fuzz_consumers.py
+
 clean: down ## stop everything and delete the local data (.klm/)
 	@$(STACK) reset

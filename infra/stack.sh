@@ -4,7 +4,7 @@
 #
 #   infra/stack.sh install               apt packages + Kafka classpath (idempotent)
 #   infra/stack.sh up [kafka|postgres|hsm ...]   start what is not running (default: all)
-#   infra/stack.sh down                  stop Kafka and Postgres (data is kept)
+#   infra/stack.sh down [kafka|postgres ...]     stop Kafka and Postgres (data is kept)
 #   infra/stack.sh status [component ...]        one line each; exit 3 if one is stopped
 #   infra/stack.sh env                   export lines: eval "$(infra/stack.sh env)"
 #   infra/stack.sh reset                 down + delete the data under $KLM_HOME
@@ -763,9 +763,11 @@ cmd_up() {
   return 0
 }
 
-cmd_down() {
-  kafka_stop
-  pg_stop
+cmd_down() {  # default: Kafka and Postgres (hsm is a library: nothing to stop)
+  local comps
+  comps="$(components "$@" | tr '\n' ' ')"
+  [[ " $comps" == *" kafka "* ]] && kafka_stop
+  [[ " $comps" == *" postgres "* ]] && pg_stop
   return 0
 }
 
@@ -848,7 +850,7 @@ main() {
   case "$cmd" in
     install) cmd_install ;;
     up) cmd_up "$@" ;;
-    down) cmd_down ;;
+    down) cmd_down "$@" ;;
     status) cmd_status "$@" ;;
     env) cmd_env ;;
     reset) cmd_reset ;;
