@@ -311,6 +311,9 @@ def report(f: Figures) -> str:
         f"{f.keys / f.backup_after_first_s / f.hsm_wrap_rate:.2f}× (backup) and "
         f"{f.keys / f.restore_s / f.hsm_restore_rate:.2f}× (restore) of them.",
         "",
+        f"Machine load during the run (1-min load average at the end): {os.getloadavg()[0]:.1f} "
+        "on 2 cores — the machine is shared, so every figure here is a floor, not a ceiling.",
+        "",
         f"After recovery the keystore holds {f.restored_rows:,} wrapped versions; "
         f"{f.sample_ok}/{f.sample} sampled keys did an AES-GCM round trip through keygen.",
     ])
