@@ -2,6 +2,10 @@
 
 One policy day lasts ``DAY_SECONDS`` here: a 4-day cryptoperiod is 4 s, a 7-day destruction
 waiting period 7 s. Keygen executes the commands that two rotation instances send.
+
+The module runs in a namespace of its own (topic prefix and database; the session's SoftHSM
+token): with a 4-second cryptoperiod, rotation would otherwise start rotating every key the
+earlier modules of the session generated, and the timings below would measure that backlog.
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 import pytest_asyncio
 import yaml
 
+from klm_common.db import provision
 from klm_common.envelope import CloudEvent, make_event
+from klm_common.kafka import ensure_topics
 from klm_common.policy import load_policy
 from klm_common.settings import KlmSettings
 from klm_common.topics import Topics
@@ -43,6 +50,56 @@ def short_policy(version: int = 1) -> dict[str, Any]:
     return document
 
 
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def namespace_env(klm_env: dict[str, str]) -> AsyncIterator[dict[str, str]]:
+    """Topic prefix and database of this module (what ``start_service`` gets on top)."""
+    settings = KlmSettings(home=Path(klm_env["KLM_HOME"]), pg_dsn=klm_env["KLM_PG_DSN"],
+                           pg_admin_dsn=klm_env["KLM_PG_ADMIN_DSN"],
+                           kafka_bootstrap=klm_env["KLM_KAFKA_BOOTSTRAP"])
+    name = f"rot{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(settings.admin_dsn())
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    ours = own_settings(settings, name)
+    await provision(ours)
+    await ensure_topics(ours)
+    yield {"KLM_TOPIC_PREFIX": ours.topic_prefix, "KLM_PG_DSN": ours.pg_dsn,
+           "KLM_PG_ADMIN_DSN": ours.admin_dsn()}
+    admin = await asyncpg.connect(settings.admin_dsn())
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+def own_settings(session: KlmSettings, name: str) -> KlmSettings:
+    return session.model_copy(update={
+        "topic_prefix": f"{name}.", "pg_dsn": session.pg_dsn.rsplit("/", 1)[0] + f"/{name}",
+        "pg_admin_dsn": session.admin_dsn().rsplit("/", 1)[0] + f"/{name}"})
+
+
+@pytest.fixture(scope="module")
+def settings(settings: KlmSettings, namespace_env: dict[str, str]) -> KlmSettings:
+    """This module's settings (overrides the session's)."""
+    return own_settings(settings, namespace_env["KLM_TOPIC_PREFIX"].rstrip("."))
+
+
+@pytest.fixture(scope="module")
+def topics(settings: KlmSettings) -> Topics:
+    return Topics(settings.topic_prefix)
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def lifecycle(settings: KlmSettings, topics: Topics) -> AsyncIterator[EventLog]:
+    """This module's ``klm.lifecycle`` (overrides the session's)."""
+    log = EventLog(settings.kafka_bootstrap, topics.lifecycle)
+    await log.start()
+    yield log
+    await log.stop()
+
+
 @pytest.fixture(scope="module")
 def policy_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("policy") / "policy.yaml"
@@ -51,17 +108,19 @@ def policy_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def keygen(start_service: Any) -> Iterator[ServiceProcess]:
-    proc: ServiceProcess = start_service("keygen", KLM_DAY_SECONDS=str(DAY_SECONDS))
+def keygen(start_service: Any, namespace_env: dict[str, str]) -> Iterator[ServiceProcess]:
+    proc: ServiceProcess = start_service("keygen", KLM_DAY_SECONDS=str(DAY_SECONDS),
+                                         **namespace_env)
     yield proc
     proc.terminate()
 
 
 @pytest.fixture(scope="module")
-def schedulers(start_service: Any, keygen: ServiceProcess, policy_file: Path
-               ) -> Iterator[list[ServiceProcess]]:
+def schedulers(start_service: Any, keygen: ServiceProcess, policy_file: Path,
+               namespace_env: dict[str, str]) -> Iterator[list[ServiceProcess]]:
     """Two rotation instances on the same database: they share the work."""
-    env = {"KLM_DAY_SECONDS": str(DAY_SECONDS), "KLM_POLICY_FILE": str(policy_file),
+    env = {**namespace_env, "KLM_DAY_SECONDS": str(DAY_SECONDS),
+           "KLM_POLICY_FILE": str(policy_file),
            "KLM_POLICY_POLL_SECONDS": "0.5", "KLM_FINDINGS_GAUGE_SECONDS": "0.5"}
     procs: list[ServiceProcess] = [start_service("rotation", **env),
                                    start_service("rotation", **env)]
