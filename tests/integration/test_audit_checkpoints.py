@@ -24,6 +24,7 @@ import asyncpg
 import httpx
 import pytest
 import pytest_asyncio
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from klm_audit.adapters.tokens import create_token
 from klm_audit.domain.auth import Role
@@ -58,12 +59,23 @@ def ns_env(klm_env: dict[str, str], namespace: str, tmp_path_factory: pytest.Tem
            "KLM_TOPIC_PREFIX": f"{name}.", "KLM_HSM_TOKEN_LABEL": name,
            "KLM_HSM_PIN_FILE": str(pin)}
     asyncio.run(_create_namespace(f"{admin}/postgres", name, env))
+    asyncio.run(_create_topic(env["KLM_KAFKA_BOOTSTRAP"], f"{name}.klm.requests.acme"))
     try:
         yield env
     finally:
         asyncio.run(_drop_database(f"{admin}/postgres", name))
         subprocess.run(["softhsm2-util", "--delete-token", "--token", name],
                        capture_output=True, env=hsm_env, check=False)
+
+
+async def _create_topic(bootstrap: str, name: str) -> None:
+    """A tenant's request topic, before audit starts (its pattern subscription sees it)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
 
 
 @pytest.fixture(scope="module")
@@ -267,6 +279,30 @@ async def test_the_independent_verifier_checks_the_checkpoints(
     kept.write_text(json.dumps({**last, "sequence": last["sequence"] + 10**6}))
     forged = _verify_chain(services, token, "--checkpoint-file", str(kept))
     assert forged.returncode == 1 and "signature" in forged.stdout, forged.stdout
+
+
+async def test_tenant_request_topics_and_internal_topics_are_audited(
+        services: ServiceProcess, token: str, ns: KlmSettings) -> None:
+    """klm.requests.<tenant> (by pattern), klm.inventory.requests, klm.backup(.commands)."""
+    topics = Topics(ns.topic_prefix)
+    cause = request()
+    sent = {topics.requests + ".acme": cause, topics.lifecycle: generated(cause)}
+    for topic in (topics.inventory_requests, topics.backup_commands, topics.backup):
+        sent[topic] = generated(request())
+    for topic, event in sent.items():
+        await send(ns, topic, event)
+    ids = {e.id for e in sent.values()}
+    deadline = time.monotonic() + 60
+    async with httpx.AsyncClient(base_url=services.url, timeout=30,
+                                 headers={"Authorization": f"Bearer {token}"}) as http:
+        while True:
+            stored = {e["id"]: e["tenant"] for e in
+                      (await http.get("/v1/events", params={"limit": "1000"})).json()["events"]}
+            if ids <= set(stored) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+    assert ids <= set(stored), ids - set(stored)
+    assert stored[cause.id] == "acme"
 
 
 async def test_a_forged_checkpoint_published_on_kafka_is_named(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ from klm_common.topics import Topics
 log = logging.getLogger(__name__)
 
 GROUP_ID = "klm-audit"
+TENANT_GROUP_ID = "klm-audit-tenants"
 
 
 @dataclass(slots=True)
@@ -72,9 +74,16 @@ class Audit:
 
 
 def audit_topics(settings: KlmSettings) -> list[str]:
-    """Every KLM topic except ``klm.crypto.requests``, whose payloads may hold plaintext."""
+    """Every KLM topic except ``klm.crypto.requests``, whose payloads may hold plaintext
+    (the tenants' ``klm.requests.<tenant>`` come by :func:`tenant_request_topics`)."""
     topics = Topics(settings.topic_prefix)
-    return [topics.lifecycle, topics.requests, topics.commands, topics.dlq]
+    return [topics.lifecycle, topics.requests, topics.commands, topics.dlq,
+            topics.inventory_requests, topics.backup_commands, topics.backup]
+
+
+def tenant_request_topics(settings: KlmSettings) -> str:
+    """The pattern of the tenants' own request topics, ``klm.requests.<tenant>``."""
+    return f"^{re.escape(Topics(settings.topic_prefix).requests)}\\.[a-z0-9][a-z0-9_-]*$"
 
 
 def make_metrics() -> Metrics:
@@ -111,6 +120,15 @@ def _consumer(settings: KlmSettings, audit: Audit) -> KafkaBroker:
 
     @broker.subscriber(  # type: ignore[untyped-decorator, unused-ignore]
         *audit_topics(settings), **subscriber_options(settings, GROUP_ID))
+    async def on_topics(records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        await ingest(records)
+
+    @broker.subscriber(  # type: ignore[untyped-decorator, unused-ignore]
+        pattern=tenant_request_topics(settings),
+        **subscriber_options(settings, TENANT_GROUP_ID))
+    async def on_tenant_requests(records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        await ingest(records)
+
     async def ingest(records: list[ConsumerRecord[bytes, bytes]]) -> None:
         # returning commits the batch's offsets; raising leaves them for redelivery
         batch, skipped = handlers.accept(records)

@@ -10,6 +10,7 @@ position, under its own lock.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -169,6 +170,9 @@ class PostgresAuditStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self._head: ChainHead | None = None
+        #: appends of this process one at a time (consumers and the denial recorder), so
+        #: the known head stays valid; other processes are arbitrated by the database
+        self._appending = asyncio.Lock()
 
     def known_head(self) -> ChainHead | None:
         """The head this process committed last (None: read it under the lock)."""
@@ -178,6 +182,11 @@ class PostgresAuditStore:
     async def appending(self, *, locked: bool = True) -> AsyncIterator[PostgresAppendTx]:
         """One append transaction; ``locked`` takes the append lock (the checked path).
         A unique violation (sequence or event id) surfaces as :class:`AppendConflict`."""
+        async with self._appending, self._transaction(locked=locked) as tx:
+            yield tx
+
+    @asynccontextmanager
+    async def _transaction(self, *, locked: bool) -> AsyncIterator[PostgresAppendTx]:
         self._head = None  # unknown until this append commits
         try:
             async with self._pool.acquire() as conn, conn.transaction():
