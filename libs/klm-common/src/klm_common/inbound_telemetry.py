@@ -18,6 +18,7 @@ and consumer lag per partition.
 from __future__ import annotations
 
 import contextvars
+import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from klm_common import metrics, telemetry
 from klm_common.envelope import CloudEvent
 
+log = logging.getLogger(__name__)
 #: inbound event types that are requests (answered once, counted in ``klm.requests``)
 REQUEST_PREFIXES = ("klm.request.", "klm.command.", "klm.crypto.")
 _TRACER = "klm.inbound"
@@ -137,21 +139,33 @@ class InboundTelemetry(BaseMiddleware):
     """Broker middleware: per-record spans, request outcomes, latency and lag."""
 
     async def consume_scope(self, call_next: Any, msg: Any) -> Any:
+        """Telemetry never decides a batch's fate: its own failures are logged, not raised."""
         raw = msg.raw_message
         records: Sequence[ConsumerRecord[bytes, bytes]] = (
             raw if isinstance(raw, tuple | list) else (raw,))
-        batch = _open(records)
+        try:
+            batch = _open(records)
+        except Exception:
+            log.exception("inbound telemetry: cannot observe this batch")
+            return await call_next(msg)
         token = _current.set(batch)
         try:
             result = await call_next(msg)
         except BaseException as exc:
-            _close(batch, exc)
+            _safely(_close, batch, exc)
             raise
         finally:
             _current.reset(token)
-        _close(batch, None)
-        _observe_lag(getattr(msg, "consumer", None), records)
+        _safely(_close, batch, None)
+        _safely(_observe_lag, getattr(msg, "consumer", None), records)
         return result
+
+
+def _safely(fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("inbound telemetry: %s failed", getattr(fn, "__name__", fn))
 
 
 def _open(records: Sequence[ConsumerRecord[bytes, bytes]]) -> BatchObservation:
