@@ -227,6 +227,10 @@ def report(figures: list[Figures]) -> str:
             f"| {f.keys:,} | {f.dispatched:,} | {f.dispatch_s:.2f} s ({runs}) | "
             f"{f.dispatched / f.dispatch_s:,.0f}/s | {f.cpu_s:.2f} s + {f.pg_cpu_s:.2f} s | "
             f"{f.relay_s:.2f} s ({f.relayed:,}) | {f.scan_keys / f.scan_s:,.0f} keys/s |")
+    lines += ["", "The CPU column is what the work itself costs (the dispatcher process, and "
+              "its two Postgres backends read from /proc); the rest of the wall time is "
+              "waiting — for a core on this shared machine (load average above) and for "
+              "commits."]
     if len(figures) >= 2:
         small, big = figures[0], figures[-1]
         lines += ["", f"Inventory ×{big.keys / small.keys:.0f} → dispatch time "
