@@ -502,6 +502,22 @@ def bao_version() -> str:
     return "?"
 
 
+#: a dated reading kept with the figures (the tables are regenerated, this note is not)
+READING = """### Reading (2026-11-28)
+
+The goal is not met on this machine: OpenBao is one Go process answering over HTTP; a KLM
+request crosses Kafka, keygen (HSM thread + a PostgreSQL transaction with fsync), the outbox
+relay (Kafka, acks=all) and the audit service (its own PostgreSQL transaction) — five
+processes that, with Kafka's JVM and PostgreSQL, share 2 cores with whatever else runs (the
+load averages above). One traced run (C=64, 400 requests, load ≈ 7, 11:11 UTC) split a KLM
+request's latency into: waiting for keygen's current batch to finish p50 195 ms; keygen's
+batch handling (HSM generation and wrap of the batch, then the transaction) p50 387 ms;
+commit → relay start 59 ms; relay publish 49 ms; relay → requester 5 ms. The batch handling
+is keygen's (see "## Profile": the HSM thread is the largest cost); the relay's share was cut
+in klm-common (one round trip less, no WAL-flush wait on its delete).
+"""
+
+
 async def main(keys: int, concurrency: int, warmup: int, rounds: int, write: bool) -> None:
     print(f"{rounds} round(s) of {keys}+{keys} keys at concurrency {concurrency}", flush=True)
     tallies, audited = await compare(keys, concurrency, warmup, rounds)
@@ -509,7 +525,7 @@ async def main(keys: int, concurrency: int, warmup: int, rounds: int, write: boo
     print(text)
     if write:
         ensure_header()
-        write_section(SECTION, text)
+        write_section(SECTION, text + "\n" + READING)
 
 
 if __name__ == "__main__":
