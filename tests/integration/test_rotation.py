@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -345,3 +347,24 @@ async def test_a_policy_change_is_picked_up_and_recorded(
     await asyncio.sleep(2.0)  # both instances saw it; one event only
     assert len(lifecycle.matching(lambda e: e.type == "klm.policy.changed"
                                   and e.data["version"] == marker)) == 1
+
+
+async def test_sighup_reloads_even_when_the_file_looks_unchanged(
+        schedulers: list[ServiceProcess], policy_file: Path, lifecycle: EventLog) -> None:
+    before = await asyncio.to_thread(policy_file.stat)
+    text = await asyncio.to_thread(policy_file.read_text)
+    old = yaml.safe_load(text)["version"]
+    new = old + 1 if len(str(old + 1)) == len(str(old)) else old - 1
+    changed = yaml.safe_dump(short_policy(version=new))
+    assert len(changed) == len(text)  # same size and, below, same mtime: no poll notices
+    await asyncio.to_thread(policy_file.write_text, changed)
+    os.utime(policy_file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    await asyncio.sleep(1.5)
+    assert not lifecycle.matching(lambda e: e.type == "klm.policy.changed"
+                                  and e.data["version"] == new)
+    assert schedulers[0].proc is not None
+    schedulers[0].proc.send_signal(signal.SIGHUP)
+    [change] = await lifecycle.wait_for(
+        lambda e: e.type == "klm.policy.changed" and e.data["version"] == new, timeout=10)
+    assert change.data["changed"] == ["version"]
+    assert schedulers[0].proc.poll() is None  # SIGHUP reloads, it does not stop the service
