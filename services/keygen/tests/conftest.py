@@ -69,8 +69,10 @@ class FakeUnit:
         self.inbox |= claimed
         return claimed
 
-    async def insert_keys(self, keys: Sequence[NewKey]) -> None:
-        self.new_keys.extend(keys)
+    async def insert_keys(self, keys: Sequence[NewKey]) -> set[str]:
+        existing = self.keystore.keys.keys() | self.keystore.records.keys()
+        self.new_keys.extend(k for k in keys if k.plan.key_id not in existing)
+        return {k.plan.request.id for k in keys if k.plan.key_id in existing}
 
     async def lock_keys(self, key_ids: Sequence[str]) -> dict[str, KeyRecord]:
         return {k: self.keystore.records[k] for k in key_ids if k in self.keystore.records}

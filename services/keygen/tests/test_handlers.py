@@ -85,3 +85,15 @@ async def test_request_in_flight_in_another_batch_is_left_to_it(deps: Deps) -> N
     deps.in_flight.clear()
     await handle_request_batch([record(r.to_bytes())], deps)
     assert len(deps.keystore.outbox) == 1  # type: ignore[attr-defined]
+
+
+async def test_request_whose_key_came_back_by_recovery_is_a_replay(deps: Deps) -> None:
+    """After a disaster recovery the inbox is empty but the keys are back: a re-sent
+    generate request must neither make a second key nor stall its partition."""
+    r = request()
+    await handle_request_batch([record(r.to_bytes())], deps)
+    deps.keystore.inbox.clear()  # type: ignore[attr-defined]  # the recovered keystore
+    deps.keystore.outbox.clear()  # type: ignore[attr-defined]
+    await handle_request_batch([record(r.to_bytes(), 1)], deps)
+    assert await deps.keystore.count_keys() == 1
+    assert deps.keystore.outbox == []  # type: ignore[attr-defined]

@@ -81,7 +81,7 @@ class PgKeystore:
         ids. Keys and answers of a request claimed meanwhile by someone else are dropped."""
         async with self.unit() as unit:
             claimed = await unit.claim(request_ids)
-            await unit.insert_keys([k for k in keys if k.plan.request.id in claimed])
+            claimed -= await unit.insert_keys([k for k in keys if k.plan.request.id in claimed])
             await unit.queue([a for a in answers if a.correlationid in claimed])
             return claimed
 
@@ -112,8 +112,9 @@ class PgUnit:
     async def claim(self, request_ids: Sequence[str]) -> set[str]:
         return await inbox.claim(self._conn, request_ids)
 
-    async def insert_keys(self, keys: Sequence[NewKey]) -> None:
-        await _insert_keys(self._conn, keys)
+    async def insert_keys(self, keys: Sequence[NewKey]) -> set[str]:
+        """Insert new keys; return the request ids whose key already exists (see below)."""
+        return await _insert_keys(self._conn, keys)
 
     async def queue(self, answers: Sequence[CloudEvent]) -> None:
         await add_to_outbox(self._conn, self._topic, answers)
@@ -185,9 +186,18 @@ async def _insert_versions(conn: asyncpg.Connection, key_id: str,
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)""", rows)
 
 
-async def _insert_keys(conn: asyncpg.Connection, keys: Sequence[NewKey]) -> None:
+async def _insert_keys(conn: asyncpg.Connection, keys: Sequence[NewKey]) -> set[str]:
+    """Insert the keys whose key id is new. A key id that exists already (its key came back
+    through a disaster recovery, which empties the inbox) means the request was answered
+    before the disaster: it is a replay, so no second key — the caller drops its answer."""
     if not keys:
-        return
+        return set()
+    existing = {r["key_id"] for r in await conn.fetch(
+        "SELECT key_id FROM keys WHERE key_id = ANY($1::text[])", [k.plan.key_id for k in keys])}
+    replayed = {k.plan.request.id for k in keys if k.plan.key_id in existing}
+    keys = [k for k in keys if k.plan.key_id not in existing]
+    if not keys:
+        return replayed
     await conn.executemany(
         """INSERT INTO keys (key_id, owner, name, algorithm, size, curve, usages, protection,
                              policy, profile, labels, state, primary_version, request_id,
@@ -207,3 +217,4 @@ async def _insert_keys(conn: asyncpg.Connection, keys: Sequence[NewKey]) -> None
           k.material.kcv, k.material.hsm_object_id, k.created_at,
           k.created_at if k.state.value == "active" else None)
          for k in keys])
+    return replayed

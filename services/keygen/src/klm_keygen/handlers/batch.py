@@ -217,7 +217,8 @@ async def _commit(chunk: Chunk, deps: Deps, routes: Routes,
     at = deps.clock()
     async with deps.keystore.unit() as unit:
         claimed = await unit.claim([ev.id for ev in chunk.handled])
-        await unit.insert_keys([k for k in result.keys if k.plan.request.id in claimed])
+        claimed -= await unit.insert_keys(
+            [k for k in result.keys if k.plan.request.id in claimed])
         mine = [(ev, data) for ev, data in chunk.steps if ev.id in claimed]
         ctx = Context(deps.hsm, at, deps.day_seconds, tenants, deps.policy, deps.csrs)
         await apply_key_steps(unit, mine, routes, ctx, result)
