@@ -92,7 +92,7 @@ def service_resource(service: str) -> Resource:
     """Standard resource attributes (OTel semantic conventions): ``service.name``,
     ``service.namespace``, ``service.version``, ``service.instance.id``, plus host, process
     and environment; ``OTEL_RESOURCE_ATTRIBUTES`` adds attributes (these win on conflict)."""
-    attributes = {
+    attributes: dict[str, str | int] = {
         "service.name": f"klm-{service}",
         "service.namespace": "klm",
         "service.version": VERSION,
