@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from klm_common.envelope import CloudEvent, make_event, parse_envelope
+from klm_common.envelope import CloudEvent, new_id, now, parse_envelope
 from klm_common.errors import KlmError
 from klm_common.events import REPLY_TOPIC_BASE, CryptoReply, EventData
 from klm_common.kafka import kafka_security
@@ -159,8 +159,12 @@ class CryptoChannel:
 
     async def call(self, data: EventData, timeout: float | None = None) -> CryptoReply:
         """Send one request and return its reply; raise if it was refused or timed out."""
-        event: CloudEvent = make_event(data.event_type, data, source=self._source,
-                                       subject=getattr(data, "key_id", None))
+        # the payload is a validated model: build the envelope without validating it again
+        # (make_event would; this runs once per operation)
+        event = CloudEvent.model_construct(
+            id=new_id(), source=self._source, type=data.event_type, time=now(),
+            subject=getattr(data, "key_id", None),
+            data=data.model_dump(mode="json", exclude_none=True))
         waiter: asyncio.Future[CryptoReply] = asyncio.get_running_loop().create_future()
         self._waiters[event.id] = waiter
         limit = timeout or self.timeout

@@ -24,7 +24,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from klm_common.algorithms import Algorithm, Usage
-from klm_common.envelope import CloudEvent, make_event
+from klm_common.envelope import CloudEvent, make_event, now
 from klm_common.errors import (
     Forbidden,
     KeyNotActive,
@@ -194,8 +194,13 @@ def answer_id(request_id: str, what: str) -> str:
 
 
 def reply_event(request: CloudEvent, operation: str, reply: CryptoReply) -> CloudEvent:
-    return make_event(CryptoReply.event_type, reply, source=SOURCE, subject=reply.key_id,
-                      cause=request, event_id=answer_id(request.id, "reply"))
+    """The reply envelope, as ``make_event`` would build it (correlation and causation from
+    the request). Built without re-validation — every field comes from validated models —
+    because this runs once per operation on the hot path."""
+    return CloudEvent.model_construct(
+        id=answer_id(request.id, "reply"), source=SOURCE, type=CryptoReply.event_type,
+        time=now(), subject=reply.key_id, correlationid=request.correlationid or request.id,
+        causationid=request.id, data=reply.model_dump(mode="json", exclude_none=True))
 
 
 def refusal(request: CloudEvent, operation: str, error: KlmError,
