@@ -238,9 +238,16 @@ async def test_a_compromised_key_is_sent_for_rotation_at_once(
         lambda e: e.subject == key and e.type == "klm.request.rotate_key"
         and e.data.get("reason") == "compromised", timeout=10)
     assert (rotate.time - answer.time).total_seconds() < LATENCY
-    # keygen answers it (today: rejected, a compromised key cannot be rotated in place)
+    # keygen answers it. Today it refuses: a compromised key cannot be rotated in place (the
+    # state graph has no way back from compromised), and rotation says so at once.
     [reply] = await lifecycle.wait_for(lambda e: e.correlationid == rotate.id, timeout=10)
-    assert reply.type in ("klm.key.rotated", "klm.request.rejected")
+    if reply.type == "klm.request.rejected":
+        [finding] = await lifecycle.wait_for(
+            lambda e: e.subject == key and e.data.get("code") == "command_refused", timeout=10)
+        assert finding.data["severity"] == "high"
+        assert finding.data["evidence"]["reasons"] == ["compromised"]
+    else:
+        assert reply.type == "klm.key.rotated"
 
 
 async def test_destruction_happens_after_the_waiting_period_and_cancellation_holds(

@@ -210,22 +210,38 @@ async def test_work_refused_again_and_again_stops_with_a_finding(deps: Deps,
                                                                  clock: Clock) -> None:
     key = key_id()
     await feed(deps, generated(key))
-    await feed(deps, fact("compromised", key, later(1), state="compromised",
-                          previous_state="active"))
     ids = set()
     for attempt in range(4):
-        clock.now = later(1 + attempt * 1.01)
+        clock.now = later(730 + attempt * 1.01)
         await dispatch_due(deps)
         sent = inv(deps).sent(TOPICS.requests)
         if len(sent) > len(ids):
             ids.add(sent[-1].id)
-            await feed(deps, make_event(
-                "klm.request.rejected", {"code": "illegal_transition", "message": "no",
-                                         "request_type": sent[-1].type, "key_id": key},
-                source="klm/keygen", subject=key, cause=sent[-1]))
+            await feed(deps, refused(sent[-1], key))
     assert len(ids) == 3
     assert inv(deps).state.schedule == {}
     assert "command_refused" in inv(deps).state.findings[key]
+
+
+async def test_a_refused_compromise_rotation_is_a_finding_at_once(deps: Deps,
+                                                                  clock: Clock) -> None:
+    key = key_id()
+    await feed(deps, generated(key))
+    await feed(deps, fact("compromised", key, later(1), state="compromised",
+                          previous_state="active"))
+    clock.now = later(1)
+    await dispatch_due(deps)
+    [sent] = inv(deps).sent(TOPICS.requests)
+    await feed(deps, refused(sent, key))
+    assert inv(deps).state.schedule == {}
+    finding = inv(deps).state.findings[key]["command_refused"]
+    assert finding.evidence["reasons"] == ["compromised"]
+
+
+def refused(command: Any, key: str) -> Any:
+    return make_event("klm.request.rejected", {
+        "code": "illegal_transition", "message": "no", "request_type": command.type,
+        "key_id": key}, source="klm/keygen", subject=key, cause=command)
 
 
 async def test_a_repeated_answer_to_one_refused_request_counts_once(deps: Deps,

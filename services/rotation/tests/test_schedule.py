@@ -40,7 +40,7 @@ def test_command_ids_are_stable_until_keygen_refuses() -> None:
     key = inventory_key()
     first = command_id(key, "rotate", 1, later(730))
     assert command_id(key, "rotate", 1, later(730)) == first
-    assert command_id(note_rejection(key, "rotate", 1), "rotate", 1, later(730)) != first
+    assert command_id(note_rejection(key, "rotate", 1, 3), "rotate", 1, later(730)) != first
 
 
 def test_notify_mode_evaluates_instead_of_rotating() -> None:

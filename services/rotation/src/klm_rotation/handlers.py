@@ -156,7 +156,8 @@ class Projection:
                                             data.request_type)
         if key is None or not row:
             return
-        self.keys[key.key_id] = self.touched[key.key_id] = note_rejection(key, row[1], row[2])
+        self.keys[key.key_id] = self.touched[key.key_id] = note_rejection(
+            key, row[1], row[2], schedule.MAX_REFUSALS)
         self.retries.append(row)
         deps.metrics.rejected(row[1], data.code)
 

@@ -189,7 +189,12 @@ def apply(key: InventoryKey | None, event: CloudEvent, data: EventData) -> Inven
     return key
 
 
-def note_rejection(key: InventoryKey, kind: str, version: int) -> InventoryKey:
-    """Keygen refused a command: it did not happen, so the next attempt may use a new id."""
+def note_rejection(key: InventoryKey, kind: str, version: int, give_up_at: int) -> InventoryKey:
+    """Keygen refused a command: it did not happen, so the next attempt may use a new id.
+
+    A compromised key's state never changes back (SP 800-57 §5.3.4: compromised →
+    destroyed-compromised only), so waiting cannot make keygen accept: the refusal counts as
+    the last one and the finding is raised at once."""
     slot = f"{kind}:{version}"
-    return replace(key, rejections={**key.rejections, slot: key.rejections.get(slot, 0) + 1})
+    count = give_up_at if key.state == "compromised" else key.rejections.get(slot, 0) + 1
+    return replace(key, rejections={**key.rejections, slot: count})
