@@ -281,12 +281,14 @@ async def all_topic_bytes(bootstrap: str, topics: list[str]) -> list[bytes]:
     await consumer.start()
     values: list[bytes] = []
     try:
+        await consumer._client.force_metadata_update()
         tps = [TopicPartition(t, p) for t in topics
                for p in consumer.partitions_for_topic(t) or set()]
+        assert tps, "no topic partitions to search"
         ends = await consumer.end_offsets(tps)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        while any(await consumer.position(tp) < ends[tp] for tp in tps):
+        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
             batch = await consumer.getmany(timeout_ms=1000)
             values += [(r.value or b"") + b"|" + (r.key or b"")
                        for records in batch.values() for r in records]
@@ -447,6 +449,11 @@ async def check_no_material_in_clear(stack: StackInstance, ns: Namespace, topics
     raws = await asyncio.to_thread(export_secret_keys, ns, [bytes(r["wrapped"]) for r in rows])
     assert raws, "no AES key to look for"
     needles = [f for raw in raws for f in forms(raw)]
+    control = logs / "positive-control"  # the search does find a key that IS there
+    control.mkdir()
+    (control / "planted").write_bytes(b"x" + base64.b64encode(raws[0]) + b"y")
+    assert files_containing(control, needles)
+    shutil.rmtree(control)
     topic_hits = [v for v in await all_topic_bytes(stack.bootstrap, list(topics.all()))
                   if any(n in v for n in needles)]
     file_hits = files_containing(stack.home, needles) + files_containing(logs, needles)
