@@ -78,7 +78,7 @@ def service_acls(service: str, prefix: str) -> list[str]:
     user = f"User:{service}"
     lines = [f"{user} DESCRIBE topic prefixed {prefix}klm.",
              f"{user} WRITE topic literal {prefix}{DLQ}",
-             f"{user} READ group prefixed klm-{service}"]
+             f"{user} READ group prefixed {prefix}klm-{service}"]
     lines += [f"{user} {op} topic {pattern} {prefix}{topic}"
               for op, topic, pattern in SERVICE_TOPICS[service]]
     return lines

@@ -18,3 +18,12 @@ def test_every_topic_has_its_messages() -> None:
     assert doc["channels"]["klm_requests"]["messages"]
     assert topic_of("klm.request.rejected") == "klm.lifecycle"
     assert topic_of("klm.request.generate_key") == "klm.requests"
+    assert topic_of("klm.crypto.reply") == "klm.crypto.replies.{client}"
+    assert topic_of("klm.backup.versions_wrapped") == "klm.backup"
+
+
+def test_every_event_type_has_a_topic() -> None:
+    from klm_common.events import EVENT_TYPES
+
+    for event_type in EVENT_TYPES:
+        assert topic_of(event_type)

@@ -12,21 +12,60 @@ from typing import Any
 from klm_common.envelope import SCHEMA_VERSION, CloudEvent
 from klm_common.events import EVENT_TYPES, EventData
 from klm_common.telemetry import VERSION
-from klm_common.topics import COMMANDS, CRYPTO_REQUESTS, DLQ, LIFECYCLE, PARTITIONS, REQUESTS
+from klm_common.topics import (
+    BACKUP,
+    BACKUP_COMMANDS,
+    COMMANDS,
+    CRYPTO_REQUESTS,
+    DLQ,
+    INVENTORY_REQUESTS,
+    LIFECYCLE,
+    PARTITIONS,
+    REQUESTS,
+)
 
-#: which topic carries which event types, by their type prefix
+#: the reply topic a crypto requester names in ``reply_to`` (one per client)
+CRYPTO_REPLIES = "klm.crypto.replies.{client}"
+#: events that never travel on a topic: the audit service writes them to its own log
+AUDIT_ONLY = "(audit log only)"
+
+#: which topic carries which event types: exact types first, then by type prefix
+_TOPIC_OF_TYPE = {
+    "klm.request.rejected": LIFECYCLE,
+    "klm.request.import_observed_key": INVENTORY_REQUESTS,
+    "klm.crypto.reply": CRYPTO_REPLIES,
+    "klm.audit.access_denied": AUDIT_ONLY,
+    "klm.backup.wrap_versions": BACKUP_COMMANDS,
+    "klm.backup.restore_versions": BACKUP_COMMANDS,
+    "klm.backup.check_blobs": BACKUP_COMMANDS,
+    "klm.backup.versions_wrapped": BACKUP,
+    "klm.backup.blobs_checked": BACKUP,
+    "klm.backup.recover_all": BACKUP,
+    "klm.backup.start_drill": BACKUP,
+    "klm.backup.shredded": LIFECYCLE,
+    "klm.backup.drill_completed": LIFECYCLE,
+    "klm.backup.recovery_started": LIFECYCLE,
+}
 _TOPIC_OF_PREFIX = [
-    ("klm.request.rejected", LIFECYCLE),
     ("klm.request.", REQUESTS),
     ("klm.command.", COMMANDS),
     ("klm.crypto.", CRYPTO_REQUESTS),
     ("klm.dlq.", DLQ),
-    ("klm.", LIFECYCLE),
+    ("klm.key.", LIFECYCLE),
+    ("klm.audit.", LIFECYCLE),
+    ("klm.policy.", LIFECYCLE),
 ]
 
 
 def topic_of(event_type: str) -> str:
-    return next(topic for prefix, topic in _TOPIC_OF_PREFIX if event_type.startswith(prefix))
+    """The topic (or channel address) an event type travels on; KeyError if unmapped, so a
+    new event type cannot be added without saying where it goes."""
+    if event_type in _TOPIC_OF_TYPE:
+        return _TOPIC_OF_TYPE[event_type]
+    for prefix, topic in _TOPIC_OF_PREFIX:
+        if event_type.startswith(prefix):
+            return topic
+    raise KeyError(f"no topic for {event_type}: add it to klm_common.contract")
 
 
 def event_schema(event_type: str, cls: type[EventData]) -> dict[str, Any]:
@@ -60,10 +99,10 @@ def asyncapi_document() -> dict[str, Any]:
             "payload": {"$ref": f"schemas/{name}.json"},
         }
         topic = topic_of(name)
-        channel = channels.setdefault(topic.replace(".", "_"), {
-            "address": topic, "messages": {},
-            "description": f"{PARTITIONS[topic]} partitions, record key = key_id "
-                           "(or the request id before a key exists)"})
+        if topic == AUDIT_ONLY:
+            continue
+        channel = channels.setdefault(_channel_id(topic), {
+            "address": topic, "messages": {}, "description": _describe(topic)})
         channel["messages"][key] = {"$ref": f"#/components/messages/{key}"}
     return {
         "asyncapi": "3.0.0",
@@ -74,6 +113,18 @@ def asyncapi_document() -> dict[str, Any]:
         "channels": channels,
         "components": {"messages": messages},
     }
+
+
+def _channel_id(topic: str) -> str:
+    return topic.replace("{client}", "client").replace(".", "_")
+
+
+def _describe(topic: str) -> str:
+    if topic == CRYPTO_REPLIES:
+        return ("the requester's own reply topic, named in the request's reply_to; "
+                "answers matched by correlationid")
+    return (f"{PARTITIONS[topic]} partitions, record key = key_id "
+            "(or the request id before a key exists)")
 
 
 def render() -> dict[str, str]:

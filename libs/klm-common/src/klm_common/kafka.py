@@ -153,10 +153,13 @@ async def ensure_topics(settings: KlmSettings, topics: Topics | None = None) -> 
 
 
 def subscriber_options(settings: KlmSettings, group_id: str) -> dict[str, Any]:
-    """Batch consumer options shared by every KLM subscriber."""
+    """Batch consumer options shared by every KLM subscriber.
+
+    The group id carries the topic prefix: a consumer of another namespace (another test
+    run or benchmark on the same Kafka) joining or leaving never rebalances this one."""
     return {
         "batch": True,
-        "group_id": group_id,
+        "group_id": f"{settings.topic_prefix}{group_id}",
         "auto_offset_reset": "earliest",
         "max_records": settings.batch_max_records,
         "batch_timeout_ms": settings.batch_timeout_ms,

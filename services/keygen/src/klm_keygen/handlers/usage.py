@@ -323,10 +323,7 @@ def register(keygen: Keygen) -> None:
     """Subscribe the ``klm.crypto.requests`` batch handler and start the summary timer."""
     settings = UsageSettings()
     deps = usage_deps(keygen, settings)
-    # the group is per namespace: a keygen of another topic prefix (another test run on the
-    # same Kafka) joining or leaving must not rebalance this one
-    group = f"{keygen.settings.topic_prefix}{GROUP_ID}"
-    options = subscriber_options(keygen.settings, group)
+    options = subscriber_options(keygen.settings, GROUP_ID)  # group per namespace
 
     @keygen.broker.subscriber(keygen.topics.crypto_requests, **options)
     async def on_crypto_requests(records: list[Any]) -> None:
