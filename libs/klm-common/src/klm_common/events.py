@@ -94,7 +94,7 @@ class RestoreKey(_KeyRequest):
 
 
 
-# ============== inventory requests (topic klm.inventory.requests, served by rotation) ==============
+# ============= inventory requests (topic klm.inventory.requests, served by rotation) =============
 class ImportObservedKey(EventData):
     """Put a key KLM did not generate (discovered elsewhere) into the inventory, metadata only,
     so the compliance scan covers it. Answered by ``klm.key.observed`` or a rejection."""
