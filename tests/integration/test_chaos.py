@@ -45,7 +45,9 @@ from klm_common.topics import Topics
 from tests.chaos.instance import Namespace, StackInstance, create_namespace, drop_namespace
 from tests.integration.harness import EventLog, ServiceProcess
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.asyncio(loop_scope="module"),
+              # minutes, not the suite's default: the long run sends 5,000 requests
+              pytest.mark.timeout(int(os.environ.get("KLM_CHAOS_TIMEOUT", "3600")))]
 
 REPO = Path(__file__).resolve().parents[2]
 REQUESTS = int(os.environ.get("KLM_CHAOS_REQUESTS", "400"))

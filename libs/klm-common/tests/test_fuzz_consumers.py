@@ -27,6 +27,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -90,6 +91,7 @@ batches = st.tuples(st.lists(hostile(), min_size=30, max_size=60),
 HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
 
 
+@pytest.mark.timeout(1200)  # 10,000 records take minutes on a busy 2-core machine
 @settings(max_examples=240, deadline=None, derandomize=True, suppress_health_check=HEALTH)
 @given(batches)
 def test_keygen_requests_survive_hostile_batches(batch: tuple[list[Hostile], list[int]]
@@ -127,6 +129,7 @@ def test_keygen_requests_survive_hostile_batches(batch: tuple[list[Hostile], lis
     SEEN["keygen_request_records"] += len(records)
 
 
+@pytest.mark.timeout(1200)
 @settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=HEALTH)
 @given(batches)
 def test_keygen_commands_and_other_consumers_survive(batch: tuple[list[Hostile], list[int]]
