@@ -238,16 +238,10 @@ async def test_a_compromised_key_is_sent_for_rotation_at_once(
         lambda e: e.subject == key and e.type == "klm.request.rotate_key"
         and e.data.get("reason") == "compromised", timeout=10)
     assert (rotate.time - answer.time).total_seconds() < LATENCY
-    # keygen answers it. Today it refuses: a compromised key cannot be rotated in place (the
-    # state graph has no way back from compromised), and rotation says so at once.
+    # keygen re-keys it: a new active primary version; the compromised one only processes
     [reply] = await lifecycle.wait_for(lambda e: e.correlationid == rotate.id, timeout=10)
-    if reply.type == "klm.request.rejected":
-        [finding] = await lifecycle.wait_for(
-            lambda e: e.subject == key and e.data.get("code") == "command_refused", timeout=10)
-        assert finding.data["severity"] == "high"
-        assert finding.data["evidence"]["reasons"] == ["compromised"]
-    else:
-        assert reply.type == "klm.key.rotated"
+    assert reply.type == "klm.key.rotated", reply.data
+    assert reply.data["state"] == "active" and reply.data["version"] == 2
 
 
 async def test_destruction_happens_after_the_waiting_period_and_cancellation_holds(

@@ -15,6 +15,8 @@ S, T = KeyState, Transition
     (S.ACTIVE, T.COMPROMISE, S.COMPROMISED),
     (S.DEACTIVATED, T.COMPROMISE, S.COMPROMISED),
     (S.COMPROMISED, T.DESTROY, S.DESTROYED_COMPROMISED),
+    (S.ACTIVE, T.REKEY, S.ACTIVE),
+    (S.COMPROMISED, T.REKEY, S.ACTIVE),
 ])
 def test_allowed_transitions(state: KeyState, action: Transition, after: KeyState) -> None:
     assert transition(state, action) is after
@@ -27,6 +29,8 @@ def test_allowed_transitions(state: KeyState, action: Transition, after: KeyStat
     (S.COMPROMISED, T.REACTIVATE),
     (S.DESTROYED_COMPROMISED, T.COMPROMISE),
     (S.DEACTIVATED, T.ACTIVATE),
+    (S.SUSPENDED, T.REKEY),
+    (S.DEACTIVATED, T.REKEY),
 ])
 def test_illegal_transitions_carry_code_and_current_state(state: KeyState,
                                                           action: Transition) -> None:

@@ -114,3 +114,13 @@ async def test_compromised_key_is_destroyed_compromised(deps: Deps) -> None:
 
 async def test_other_areas_commands_are_left_alone(deps: Deps) -> None:
     assert await send(deps, ev("command.wrap_for_backup", key_id="x"), command=True) == []
+
+
+async def test_compromised_key_is_rekeyed_and_its_old_version_stays_compromised(
+        deps: Deps) -> None:
+    key_id = await new_key(deps)
+    await send(deps, ev("request.revoke_key", key_id=key_id, reason="compromised"))
+    [rotated] = await send(deps, ev("request.rotate_key", key_id=key_id, reason="compromised"))
+    assert (rotated.type, rotated.data["state"]) == ("klm.key.rotated", "active")
+    key = deps.keystore.records[key_id]  # type: ignore[attr-defined]
+    assert [v.state.value for v in key.versions] == ["compromised", "active"]

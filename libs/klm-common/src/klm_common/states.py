@@ -4,6 +4,12 @@
 
     pre-active → active ⇄ suspended → deactivated → destroyed
     any of the first four → compromised → destroyed-compromised
+    active or compromised —rekey→ active   (rotation: a new primary version)
+
+A key's state is its primary version's. Re-keying (rotation) adds a new, active primary
+version: an active key stays active, and a compromised key is replaced by a fresh version
+(SP 800-57 Pt 1 §5.3.5: a compromised key is replaced) while its compromised versions stay
+compromised, able to process (verify/decrypt) but never to protect again.
 
 Every service decides "may this happen?" with :func:`transition`; nothing else encodes the graph.
 """
@@ -32,6 +38,7 @@ class Transition(StrEnum):
     DEACTIVATE = "deactivate"
     COMPROMISE = "compromise"
     DESTROY = "destroy"
+    REKEY = "rekey"
 
 
 _S = KeyState
@@ -53,6 +60,8 @@ _ALLOWED: dict[tuple[KeyState, Transition], KeyState] = {
     (_S.SUSPENDED, _T.COMPROMISE): _S.COMPROMISED,
     (_S.DEACTIVATED, _T.COMPROMISE): _S.COMPROMISED,
     (_S.COMPROMISED, _T.DESTROY): _S.DESTROYED_COMPROMISED,
+    (_S.ACTIVE, _T.REKEY): _S.ACTIVE,
+    (_S.COMPROMISED, _T.REKEY): _S.ACTIVE,
 }
 
 TERMINAL_STATES = frozenset({_S.DESTROYED, _S.DESTROYED_COMPROMISED})

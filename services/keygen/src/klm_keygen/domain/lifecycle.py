@@ -223,8 +223,9 @@ def destroyed(key: KeyRecord, request: CloudEvent, plan: DestructionPlan,
 
 # ---- versions -------------------------------------------------------------------------------
 def plan_rotation(key: KeyRecord) -> RotationPlan:
-    """Only an active key rotates; the new version has the key's spec and protection."""
-    _require_state(key, {KeyState.ACTIVE}, "rotate")
+    """An active or compromised key rotates (``Transition.REKEY``); the new version has the
+    key's spec and protection."""
+    transition(key.state, Transition.REKEY)  # raises IllegalTransition with the current state
     return RotationPlan(key.key_id, max(v.version for v in key.versions) + 1, key.spec,
                         key.protection)
 
@@ -234,7 +235,8 @@ def rotated(key: KeyRecord, request: CloudEvent, data: RotateKey, plan: Rotation
     """The new version becomes primary and active; the previous one keeps processing unless
     the policy deactivates it at once."""
     previous = key.primary_version
-    new = replace(key, primary_version=plan.version).with_version(
+    state = transition(key.state, Transition.REKEY)
+    new = replace(key, state=state, primary_version=plan.version).with_version(
         VersionRecord(plan.version, KeyState.ACTIVE, material.hsm_object_id, True, material))
     fact = KeyRotated(key_id=key.key_id, owner=key.owner, state=new.state.value,
                       version=plan.version, previous_version=previous, created_at=at,
