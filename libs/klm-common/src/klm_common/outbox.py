@@ -55,13 +55,17 @@ async def add_to_outbox(conn: asyncpg.Connection, topic: str,
         return
     batch = inbound_telemetry.current_batch()
     current = _headers_json(None)
-    rows = []
+    keys, values, headers = [], [], []
     for ev in events:
         context = batch.context_for(ev) if batch is not None else None
-        rows.append((topic, ev.partition_key, ev.to_bytes(),
-                     current if context is None else _headers_json(context)))
-    await conn.executemany(
-        "INSERT INTO outbox (topic, key, value, headers) VALUES ($1, $2, $3, $4::jsonb)", rows)
+        keys.append(ev.partition_key)
+        values.append(ev.to_bytes())
+        headers.append(current if context is None else _headers_json(context))
+    # one statement for the batch (unnest keeps the order, so seq follows the events' order)
+    await conn.execute(
+        "INSERT INTO outbox (topic, key, value, headers) "
+        "SELECT $1, k, v, h::jsonb FROM unnest($2::bytea[], $3::bytea[], $4::text[]) "
+        "WITH ORDINALITY AS e(k, v, h, n) ORDER BY n", topic, keys, values, headers)
     inbound_telemetry.note_answers(events)
 
 
