@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 from klm_audit.domain.checkpoints import Checkpoint, check_checkpoints
 from klm_audit.domain.hash_chain import ChainVerifier
@@ -80,7 +81,13 @@ async def _walk(store: AuditStore, verifier: ChainVerifier, upto: int, chunk: in
             return
 
 
-def _checkpoint_summary(checkpoints: list[Checkpoint]) -> dict[str, object]:
+class _CheckpointSummary(TypedDict):
+    checkpoints_checked: int
+    last_checkpoint: Checkpoint | None
+    checkpoint_keys: tuple[str, ...]
+
+
+def _checkpoint_summary(checkpoints: list[Checkpoint]) -> _CheckpointSummary:
     last = max(checkpoints, key=lambda c: c.sequence) if checkpoints else None
     return {"checkpoints_checked": len(checkpoints), "last_checkpoint": last,
             "checkpoint_keys": tuple(sorted({c.signing_key_id for c in checkpoints}))}

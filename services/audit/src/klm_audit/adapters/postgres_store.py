@@ -327,7 +327,7 @@ async def _project_chunk(conn: asyncpg.Connection, chunk: int) -> int:
         await save_views(conn, fold(views, ((r["subject"], _fact(r)) for r in rows)).values())
     await conn.execute(
         "UPDATE projection_position SET position = $1 WHERE name = 'key_inventory'", upto)
-    return upto - position
+    return int(upto - position)
 
 
 def _fact(row: asyncpg.Record) -> Fact:
