@@ -50,8 +50,8 @@ def nist_cases(filename: str) -> list[Case]:
     the AD files, ``FAIL`` instead of ``P`` for a ciphertext that must be refused."""
     folder = resources.files("cryptography_vectors").joinpath("keywrap", "kwtestvectors")
     blocks: list[dict[str, str]] = []
-    for line in folder.joinpath(filename).read_text().splitlines():
-        line = line.strip()
+    for raw in folder.joinpath(filename).read_text().splitlines():
+        line = raw.strip()
         if line.startswith("COUNT = "):
             blocks.append({"COUNT": line.split(" = ")[1]})
         elif blocks and line == "FAIL":
