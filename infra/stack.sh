@@ -709,7 +709,8 @@ hsm_slot() {  # slot number of our token, empty when absent
   [[ -f "$HSM_CONF" ]] && command -v softhsm2-util >/dev/null || return 0
   SOFTHSM2_CONF="$HSM_CONF" softhsm2-util --show-slots 2>/dev/null | awk -v label="$HSM_LABEL" '
     /^Slot [0-9]+/ { slot = $2 }
-    /^ *Label:/ { sub(/^ *Label: */, ""); sub(/ *$/, ""); if ($0 == label) { print slot; exit } }'
+    /^ *Label:/ { sub(/^ *Label: */, ""); sub(/ *$/, ""); if ($0 == label && !found) { found = slot } }
+    END { if (found != "") print found }'  # read to the end: an early exit SIGPIPEs softhsm2-util (pipefail)
 }
 
 hsm_up() {
