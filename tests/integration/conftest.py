@@ -187,11 +187,27 @@ def topics(settings: KlmSettings) -> Topics:
     return Topics(settings.topic_prefix)
 
 
+#: every service process started in this session, in order
+_STARTED: list[ServiceProcess] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _stop_services_of_the_module() -> Iterator[None]:
+    """Services a module started stop when the module ends: a keygen left running would
+    join the next module's consumer group and serve its requests with other settings."""
+    mark = len(_STARTED)
+    yield
+    for proc in _STARTED[mark:]:
+        proc.terminate()
+    del _STARTED[mark:]
+
+
 @pytest.fixture(scope="session")
 def start_service(klm_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
                   ) -> Iterator[Any]:
-    """``start_service("keygen")`` → a running :class:`ServiceProcess` (stopped at the end)."""
-    started: list[ServiceProcess] = []
+    """``start_service("keygen")`` → a running :class:`ServiceProcess`, stopped at the end
+    of the module that started it."""
+    started = _STARTED
     logs = tmp_path_factory.mktemp("service-logs")
 
     def start(name: str, **extra_env: str) -> ServiceProcess:

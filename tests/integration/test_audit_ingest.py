@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,8 +25,10 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 @pytest.fixture(scope="module")
-def audit(start_service: Any) -> ServiceProcess:
-    return start_service("audit")  # type: ignore[no-any-return]
+def audit(start_service: Any) -> Iterator[ServiceProcess]:
+    proc: ServiceProcess = start_service("audit")
+    yield proc
+    proc.terminate()  # a later module's audit must not share this one's partitions
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +162,15 @@ async def test_kill_during_ingest_loses_nothing_and_doubles_nothing(
 async def test_keygen_to_audit_walking_skeleton(
         audit: ServiceProcess, admin_token: str, start_service: Any, settings: KlmSettings,
         topics: Topics, lifecycle: EventLog) -> None:
-    start_service("keygen")
+    keygen = start_service("keygen")
+    try:
+        await _request_to_history(audit, admin_token, settings, topics, lifecycle)
+    finally:
+        keygen.terminate()  # a keygen left running would serve later modules' requests
+
+
+async def _request_to_history(audit: ServiceProcess, admin_token: str, settings: KlmSettings,
+                              topics: Topics, lifecycle: EventLog) -> None:
     req = make_event(GenerateKey.event_type, {"owner": "acme", "name": "skeleton",
                                               "algorithm": "EC", "curve": "P-256"},
                      source="tests")

@@ -56,6 +56,7 @@ def session(endpoints: dict[str, str]) -> Iterator[Any]:
                     "--so-pin", secrets.token_hex(8)], capture_output=True, env=env, check=True)
     os.environ.setdefault("SOFTHSM2_CONF", endpoints["SOFTHSM2_CONF"])
     lib = pkcs11.lib(endpoints["KLM_HSM_MODULE"])
+    lib.reinitialize()  # the library may have been loaded before this token existed
     token = lib.get_token(token_label=label)
     with token.open(rw=True, user_pin=pin) as opened:
         yield opened
