@@ -199,3 +199,14 @@ async def publish(bootstrap: str, topic: str, values: list[tuple[bytes | None, b
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
+
+
+def wycheproof_dir(repo: Path) -> Path:
+    """The external Wycheproof vectors, read in place (never copied into the repo):
+    ``KLM_WYCHEPROOF_DIR``, else ``shared/`` beside the checkout (as CI lays it out)."""
+    if os.environ.get("KLM_WYCHEPROOF_DIR"):
+        return Path(os.environ["KLM_WYCHEPROOF_DIR"])
+    for shared in (repo.parent / "shared", Path("/work/shared")):
+        if (shared / "vectors" / "wycheproof").is_dir():
+            return shared / "vectors" / "wycheproof"
+    return repo.parent / "shared" / "vectors" / "wycheproof"

@@ -30,8 +30,10 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from klm_common.errors import IntegrityError
 from klm_keygen.adapters.hsm_backup import unwrap_blob
+from tests.integration.conftest import unavailable
+from tests.integration.harness import wycheproof_dir
 
-WYCHEPROOF = Path(os.environ.get("KLM_WYCHEPROOF_DIR", "/work/shared/vectors/wycheproof"))
+WYCHEPROOF = wycheproof_dir(Path(__file__).resolve().parents[2])
 NIST_FILES = [f"{kind}_{mode}_{bits}.txt" for kind in ("KW", "KWP") for mode in ("AD", "AE")
               for bits in (128, 192, 256)]
 
@@ -66,7 +68,7 @@ def nist_cases(filename: str) -> list[Case]:
 def wycheproof_cases(filename: str) -> list[Case]:
     path = WYCHEPROOF / filename
     if not path.exists():
-        pytest.skip(f"Wycheproof vectors not found at {path}")
+        unavailable(f"Wycheproof vectors not found at {path}")
     data = json.loads(path.read_text())
     return [Case(f"{filename}#{t['tcId']}", bytes.fromhex(t["key"]), bytes.fromhex(t["ct"]),
                  bytes.fromhex(t["msg"]) if t["result"] != "invalid" else None,
@@ -84,6 +86,7 @@ def scratch_session(endpoints: dict[str, str]) -> Iterator[Any]:
                     "--so-pin", secrets.token_hex(8)], env=env, check=True, capture_output=True)
     os.environ.setdefault("SOFTHSM2_CONF", endpoints["SOFTHSM2_CONF"])
     lib = pkcs11.lib(endpoints["KLM_HSM_MODULE"])
+    lib.reinitialize()  # the library may have been loaded before this token existed
     session = lib.get_token(token_label=label).open(rw=True, user_pin=pin)
     yield session
     session.close()

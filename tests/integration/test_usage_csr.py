@@ -20,6 +20,7 @@ from klm_common.client import KlmClient, RequestRejectedError
 from klm_common.events import RotateKey
 from klm_common.profiles import get_profile
 from klm_common.settings import KlmSettings
+from tests.integration.conftest import unavailable
 from tests.integration.harness import ServiceProcess
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -54,7 +55,7 @@ async def klm(keygen: ServiceProcess, settings: KlmSettings) -> AsyncIterator[Kl
 
 def openssl_verify(pem: str, folder: Path) -> str:
     if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
+        unavailable("openssl is not installed")
     path = folder / "request.csr"
     path.write_text(pem)
     done = subprocess.run(["openssl", "req", "-verify", "-noout", "-in", str(path)],

@@ -26,17 +26,18 @@ from pkcs11 import Attribute, KeyType, ObjectClass
 from klm_common.algorithms import Algorithm, Usage
 from klm_keygen.adapters import hsm_usage
 from klm_keygen.domain.usage import DecryptionFailed
+from tests.integration.conftest import unavailable
+from tests.integration.harness import wycheproof_dir
 
 REPO = Path(__file__).resolve().parents[2]
-VECTORS = Path(os.environ.get("KLM_WYCHEPROOF", REPO.parent / "shared" / "vectors" /
-                              "wycheproof"))
+VECTORS = wycheproof_dir(REPO)
 VERIFY = frozenset({Usage.VERIFY})
 
 
 def load(name: str) -> dict[str, Any]:
     path = VECTORS / f"{name}_test.json"
     if not path.is_file():
-        pytest.skip(f"Wycheproof vectors not found at {path}")
+        unavailable(f"Wycheproof vectors not found at {path}")
     return json.loads(path.read_text())  # type: ignore[no-any-return]
 
 
