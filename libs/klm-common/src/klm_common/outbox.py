@@ -15,7 +15,6 @@ Every service's migrations create the same table::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -29,6 +28,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind
 
 from klm_common import inbound_telemetry, metrics, telemetry
+from klm_common.background import BackgroundTask, Wakeup
 from klm_common.envelope import CloudEvent
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,10 @@ def _headers_json(context: Context | None) -> str:
     return json.dumps({"content-type": "application/cloudevents+json", **carrier})
 
 
-class OutboxRelay:
+class OutboxRelay(BackgroundTask):
     """Background task publishing the outbox; :meth:`wake` after a commit for low latency."""
+
+    task_name = "outbox-relay"
 
     def __init__(self, pool: asyncpg.Pool, producer: AIOKafkaProducer, *, batch: int = 1000,
                  idle_poll: float = 0.5) -> None:
@@ -84,23 +86,13 @@ class OutboxRelay:
         self._producer = producer
         self._batch = batch
         self._idle_poll = idle_poll
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._wakeup = Wakeup()
         self.published = 0
         self.backlog = 0
         self.healthy = True
 
     def wake(self) -> None:
         self._wakeup.set()
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="outbox-relay")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _run(self) -> None:
         while True:
@@ -114,10 +106,8 @@ class OutboxRelay:
                 log.exception("outbox relay failed; retrying")
                 await asyncio.sleep(1.0)
                 continue
-            if moved < self._batch:
-                self._wakeup.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), self._idle_poll)
+            if moved < self._batch:  # a wake during the round runs the next one at once
+                await self._wakeup.wait(self._idle_poll)
 
     async def relay_once(self) -> int:
         """Publish one batch; return how many rows were moved."""

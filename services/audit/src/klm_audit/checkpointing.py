@@ -10,8 +10,6 @@ covers a later head.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -19,6 +17,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from klm_audit.ports import AuditStore
+from klm_common.background import BackgroundTask, Wakeup
 from klm_common.envelope import CloudEvent, make_event, now
 from klm_common.events import SignCheckpoint
 
@@ -34,15 +33,16 @@ class CheckpointSettings(BaseSettings):
     every_seconds: float = Field(default=60.0, gt=0)
 
 
-class Checkpointer:
+class Checkpointer(BackgroundTask):
+    task_name = "audit-checkpoints"
+
     def __init__(self, store: AuditStore, publish: Callable[[CloudEvent], Awaitable[None]],
                  settings: CheckpointSettings | None = None) -> None:
         self._store = store
         self._publish = publish
         self._settings = settings or CheckpointSettings()
         self._pending = 0
-        self._due = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._due = Wakeup()
         self.requested = 0
 
     def note(self, appended: int) -> None:
@@ -66,21 +66,9 @@ class Checkpointer:
         log.info("asked keygen to sign checkpoint #%d", head.sequence)
         return command
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="audit-checkpoints")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
     async def _run(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._due.wait(), self._settings.every_seconds)
-            self._due.clear()
+            await self._due.wait(self._settings.every_seconds)
             if self._pending == 0:
                 continue
             try:

@@ -13,6 +13,7 @@ import logging
 
 from klm_audit import handlers
 from klm_audit.ports import AuditStore
+from klm_common.background import BackgroundTask
 from klm_common.envelope import CloudEvent, make_event
 from klm_common.events import AccessDenied
 
@@ -21,7 +22,9 @@ log = logging.getLogger(__name__)
 ACCESS_DENIED = AccessDenied.event_type
 
 
-class DenialRecorder:
+class DenialRecorder(BackgroundTask):
+    task_name = "audit-denials"
+
     def __init__(self, store: AuditStore, *, interval: float = 0.2,
                  max_pending: int = 5000) -> None:
         self._store = store
@@ -29,7 +32,6 @@ class DenialRecorder:
         self._max_pending = max_pending
         self._pending: list[CloudEvent] = []
         self._dropped = 0
-        self._task: asyncio.Task[None] | None = None
 
     def record(self, *, status: int, reason: str, method: str, path: str,
                client: str | None, token_id: str | None, tenant: str | None) -> None:
@@ -42,9 +44,6 @@ class DenialRecorder:
         self._dropped = 0
         self._pending.append(make_event(ACCESS_DENIED, data, source="klm/audit"))
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="audit-denials")
-
     async def flush(self) -> None:
         events = list(self._pending)
         if events:
@@ -52,11 +51,7 @@ class DenialRecorder:
             del self._pending[:len(events)]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await super().stop()
         with contextlib.suppress(Exception):
             await self.flush()
 

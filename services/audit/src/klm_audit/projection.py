@@ -10,11 +10,11 @@ caller still sees every event already stored (usually a no-op).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from klm_audit import handlers
 from klm_audit.ports import AuditStore
+from klm_common.background import BackgroundTask, Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -25,31 +25,20 @@ async def caught_up(store: AuditStore) -> None:
         await handlers.project(store)
 
 
-class Projector:
+class Projector(BackgroundTask):
+    task_name = "audit-projector"
+
     def __init__(self, store: AuditStore, *, idle: float = 1.0) -> None:
         self._store = store
         self._idle = idle
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._wakeup = Wakeup()
 
     def wake(self) -> None:
         self._wakeup.set()
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="audit-projector")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
     async def _run(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self._idle)
-            self._wakeup.clear()
+            await self._wakeup.wait(self._idle)
             try:
                 await handlers.project(self._store)
             except Exception:

@@ -11,6 +11,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 
+from klm_common.background import Wakeup
 from klm_common.kafka import ensure_topics, subscriber_options
 from klm_common.service import Health, serve, service_app
 from klm_common.telemetry import setup_telemetry
@@ -43,7 +44,7 @@ def register(rotation: Rotation) -> None:
 
 def _start_jobs(rotation: Rotation) -> list[asyncio.Task[None]]:
     s, deps = rotation.settings, rotation.deps
-    wakeup = jobs.Wakeup()
+    wakeup = Wakeup()
     deps.wake_scheduler = wakeup.set
     return [
         asyncio.create_task(jobs.run_scheduler(deps, wakeup, s.schedule_poll), name="scheduler"),

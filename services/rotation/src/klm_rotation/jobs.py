@@ -10,30 +10,11 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 
+from klm_common.background import Wakeup
 from klm_rotation.adapters.policy_source import PolicySource
 from klm_rotation.handlers import Deps, apply_policy, dispatch_due, scan_page
 
 log = logging.getLogger(__name__)
-
-
-class Wakeup:
-    """An event a handler sets to make a loop run now instead of at its next poll."""
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def set(self) -> None:
-        self._event.set()
-
-    async def wait(self, timeout: float) -> bool:
-        """Wait until set or ``timeout``; True if it was set."""
-        try:
-            await asyncio.wait_for(self._event.wait(), timeout)
-            fired = True
-        except TimeoutError:
-            fired = False
-        self._event.clear()
-        return fired
 
 
 async def _guarded(name: str, step: Callable[[], Awaitable[float]]) -> None:
@@ -73,6 +54,7 @@ async def run_scan(deps: Deps, page_size: int, pass_pause: float) -> None:
 async def run_policy_watch(deps: Deps, source: PolicySource, poll: float) -> None:
     hup = Wakeup()
     loop = asyncio.get_running_loop()
+    # no SIGHUP outside the main thread's loop (or off Unix): the mtime poll still reloads
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGHUP, hup.set)
 
