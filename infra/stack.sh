@@ -423,9 +423,12 @@ kafka_launch() {
   [[ "$KAFKA_SECURITY" == sasl ]] && kafka_secrets
   write_kafka_props
   if [[ ! -f "$KAFKA_DIR/data/meta.properties" ]]; then
-    [[ -s "$KAFKA_DIR/cluster-id" ]] || python3 -c \
-      'import base64,uuid;print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))' \
-      >"$KAFKA_DIR/cluster-id"
+    # an id never starts with '-' (the format tool would take it for an option; Kafka's own
+    # Uuid.randomUuid() draws again for the same reason)
+    [[ -s "$KAFKA_DIR/cluster-id" && "$(cat "$KAFKA_DIR/cluster-id")" != -* ]] || python3 -c \
+      'import base64,uuid
+while (u := base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")).startswith("-"): pass
+print(u)' >"$KAFKA_DIR/cluster-id"
     note "kafka: formatting storage (security: $KAFKA_SECURITY)"
     local scram=()
     [[ "$KAFKA_SECURITY" == sasl ]] && mapfile -t scram < <(kafka_scram_args)
