@@ -37,7 +37,14 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import REPO, KlmNamespace, provenance, start_service, write_section
+from benchlib import (
+    REPO,
+    KlmNamespace,
+    kafka_login,
+    provenance,
+    start_service,
+    write_section,
+)
 
 from klm_common.client import KlmClient
 from klm_common.db import provision
@@ -57,7 +64,8 @@ class Watch:
         self.matched: list[CloudEvent] = []
         self.keep: Callable[[CloudEvent], bool] = lambda _e: False
         self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap,
-                                          enable_auto_commit=False, max_poll_records=5000)
+                                          enable_auto_commit=False, max_poll_records=5000,
+                                          **kafka_login())
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

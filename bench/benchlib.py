@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # tests.integration.harness: the stack's login and ACLs
 BENCHMARKS_MD = REPO / "docs" / "benchmarks.md"
 HEADER = """# KLM benchmarks
 
@@ -157,6 +159,21 @@ def stack_env() -> dict[str, str]:
     return env
 
 
+def kafka_login() -> dict[str, Any]:
+    """aiokafka keyword arguments to log in to the stack's Kafka: admin on the secured stack
+    (``KLM_KAFKA_SECURITY=sasl``), nothing on a PLAINTEXT one (as the tests log in)."""
+    from tests.integration.harness import stack_login
+
+    return stack_login()
+
+
+async def grant_prefix(prefix: str) -> None:
+    """On the secured stack, the service principals' ACLs for a namespace's topic prefix."""
+    from tests.integration.harness import allow_prefix
+
+    await asyncio.to_thread(allow_prefix, prefix)
+
+
 @dataclass
 class KlmNamespace:
     """Own topic prefix, fresh database (migrations applied) and SoftHSM token."""
@@ -186,6 +203,7 @@ class KlmNamespace:
         await self._admin(f'CREATE DATABASE "{self.name}"', admin)
         settings = self.settings()
         await provision(settings)
+        await grant_prefix(settings.topic_prefix)
         await ensure_topics(settings)
         return self
 

@@ -40,7 +40,12 @@ from pkcs11.util.ec import encode_named_curve_parameters
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the integration harness starts services as processes
 
-from tests.integration.harness import ServiceProcess, local_stack_env  # noqa: E402
+from tests.integration.harness import (  # noqa: E402
+    ServiceProcess,
+    allow_prefix,
+    local_stack_env,
+    stack_login,
+)
 
 from klm_common.db import provision  # noqa: E402
 from klm_common.envelope import make_event  # noqa: E402
@@ -93,6 +98,7 @@ async def create_namespace(stack: dict[str, str]) -> Namespace:
         topic_prefix=env["KLM_TOPIC_PREFIX"], hsm_module=env["KLM_HSM_MODULE"],
         hsm_token_label=name, hsm_pin_file=folder / "pin")
     await provision(settings)
+    await asyncio.to_thread(allow_prefix, settings.topic_prefix)
     await ensure_topics(settings)
     return Namespace(name, env, settings, folder)
 
@@ -158,7 +164,7 @@ class Answers:
         self.arrived: dict[str, tuple[float, str]] = {}
         self.stamps: dict[str, tuple[float, float, float]] = {}
         self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                          fetch_max_wait_ms=5)
+                                          fetch_max_wait_ms=5, **stack_login())
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
 
@@ -416,7 +422,8 @@ async def measure_pipeline(ns: Namespace, keygen: ServiceProcess,
     answers = Answers(ns.settings.kafka_bootstrap, topics.lifecycle)
     await answers.start()
     producer = AIOKafkaProducer(bootstrap_servers=ns.settings.kafka_bootstrap,
-                                enable_idempotence=True, acks="all", linger_ms=1)
+                                enable_idempotence=True, acks="all", linger_ms=1,
+                                **stack_login())
     await producer.start()
     rows: list[Any] = []
     bursts: list[Any] = []

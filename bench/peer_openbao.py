@@ -43,6 +43,7 @@ from benchlib import (
     Summary,
     ensure_header,
     free_port,
+    kafka_login,
     provenance,
     start_service,
     summary,
@@ -91,10 +92,11 @@ class KlmRequester:
 
         self.topics = Topics(settings.topic_prefix)
         self.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
-                                         enable_idempotence=True, acks="all", linger_ms=1)
+                                         enable_idempotence=True, acks="all", linger_ms=1,
+                                         **kafka_login())
         self.consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
                                          enable_auto_commit=False, fetch_max_wait_ms=5,
-                                         auto_offset_reset="latest")
+                                         auto_offset_reset="latest", **kafka_login())
         self.waiting: dict[str, asyncio.Future[Any]] = {}
         self._task: asyncio.Task[None] | None = None
 

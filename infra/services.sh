@@ -27,7 +27,10 @@ start() {
   for s in "${SERVICES[@]}"; do
     if alive "$s"; then continue; fi
     # setsid: the service outlives the make process that started it
-    setsid nohup "$VENV_BIN/klm-$s" >>"$KLM_HOME/logs/$s.log" 2>&1 </dev/null &
+    # KLM_KAFKA_USERNAME: on the secured stack each service logs in as its own principal
+    # (its ACLs: infra/kafka/acl_plan.py), start-up included
+    KLM_KAFKA_USERNAME="$s" setsid nohup "$VENV_BIN/klm-$s" \
+      >>"$KLM_HOME/logs/$s.log" 2>&1 </dev/null &
     echo $! >"$KLM_HOME/run/$s.pid"
   done
   local deadline=$((SECONDS + READY_TIMEOUT))

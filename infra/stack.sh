@@ -21,13 +21,14 @@
 # KLM_HSM_TOKEN_LABEL (klm), KLM_JAVA (path of a Java 17+ binary),
 # KLM_KAFKA_START_TIMEOUT (120 s), KLM_STOP_TIMEOUT (30 s).
 #
-# Kafka security (docs/security.md): KLM_KAFKA_SECURITY=none (default: PLAINTEXT, no
-# authorizer) or sasl (SASL/SCRAM-SHA-512 for clients, PLAIN on the KRaft controller
+# Kafka security (docs/security.md): KLM_KAFKA_SECURITY=sasl (the default for a new
+# cluster: SASL/SCRAM-SHA-512 for clients, PLAIN on the KRaft controller
 # listener, StandardAuthorizer, allow.everyone.if.no.acl.found=false, super users admin
 # and controller; one SCRAM user per service - keygen rotation backup audit - plus admin
 # and the tenants of KLM_KAFKA_TENANTS (default "billing payments"), passwords in
-# secrets/kafka-<user>-password). The mode is fixed when the storage is formatted:
-# switching an existing cluster needs `reset` (or another KLM_HOME).
+# secrets/kafka-<user>-password) or none (PLAINTEXT, no authorizer: for a quick local
+# try only). The mode is fixed when the storage is formatted: switching an existing
+# cluster needs `reset` (or another KLM_HOME).
 set -euo pipefail
 
 INFRA_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
@@ -43,8 +44,6 @@ KAFKA_START_TIMEOUT="${KLM_KAFKA_START_TIMEOUT:-120}"
 STOP_TIMEOUT="${KLM_STOP_TIMEOUT:-30}"
 PG_PORT="${KLM_PG_PORT:-5432}"
 HSM_LABEL="${KLM_HSM_TOKEN_LABEL:-klm}"
-# the one switch for Kafka security (none | sasl); see the header
-KAFKA_SECURITY="${KLM_KAFKA_SECURITY:-none}"
 KAFKA_TENANTS="${KLM_KAFKA_TENANTS:-billing payments}"
 KAFKA_SERVICES="keygen rotation backup audit"
 
@@ -57,6 +56,19 @@ KAFKA_CP_STAMP="$KAFKA_DIR/classpath.pom.sha256"
 KAFKA_PROPS="$KAFKA_DIR/server.properties"
 KAFKA_PID="$RUN/kafka.pid"
 KAFKA_MODE_FILE="$KAFKA_DIR/security-mode"
+# the one switch for Kafka security (sasl | none; see the header). Unset: sasl for a new
+# cluster, and an existing cluster keeps the mode it was formatted in (a cluster formatted
+# before the mode was recorded ran PLAINTEXT)
+if [[ -n "${KLM_KAFKA_SECURITY:-}" ]]; then
+  KAFKA_SECURITY="$KLM_KAFKA_SECURITY"
+  KAFKA_SECURITY_CHOSEN=1
+elif [[ -f "$KAFKA_DIR/data/meta.properties" ]]; then
+  KAFKA_SECURITY="$(cat "$KAFKA_MODE_FILE" 2>/dev/null || echo none)"
+  KAFKA_SECURITY_CHOSEN=0
+else
+  KAFKA_SECURITY=sasl
+  KAFKA_SECURITY_CHOSEN=0
+fi
 KAFKA_ADMIN_PROPS="$KAFKA_DIR/admin-client.properties"
 KAFKA_TENANTS_FILE="$KAFKA_DIR/tenants"
 HSM_DIR="$KLM_HOME/hsm"
@@ -440,6 +452,9 @@ print(u)' >"$KAFKA_DIR/cluster-id"
     echo "$KAFKA_SECURITY" >"$KAFKA_MODE_FILE"
   fi
   kafka_check_mode
+  [[ "$KAFKA_SECURITY" == none && "$KAFKA_SECURITY_CHOSEN" == 0 ]] &&
+    note "kafka: this cluster was formatted without security (PLAINTEXT, no ACLs);" \
+         "'infra/stack.sh reset' and 'make up' give the SASL/ACL default"
   note "kafka: starting"
   # 9>&-: the broker must not inherit the lock (see take_lock)
   # shellcheck disable=SC2086  # KAFKA_HEAP holds several options

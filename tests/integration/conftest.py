@@ -32,6 +32,7 @@ from klm_common.topics import Topics
 from tests.integration.harness import (
     EventLog,
     ServiceProcess,
+    allow_prefix,
     kafka_reachable,
     local_stack_env,
     pg_reachable,
@@ -76,6 +77,9 @@ def endpoints() -> dict[str, str]:
         unavailable("PostgreSQL not reachable with KLM_PG_ADMIN_DSN")
     if not Path(env["KLM_HSM_MODULE"]).exists() or shutil.which("softhsm2-util") is None:
         unavailable(f"SoftHSM module missing at {env['KLM_HSM_MODULE']}")
+    if env.get("KLM_KAFKA_SECURITY"):  # this process's own clients log in as the stack says
+        os.environ.setdefault("KLM_KAFKA_SECURITY", env["KLM_KAFKA_SECURITY"])
+        os.environ.setdefault("KLM_HOME", env["KLM_HOME"])
     return env
 
 
@@ -139,9 +143,6 @@ def klm_env(endpoints: dict[str, str], namespace: str, hsm_token: dict[str, str]
         "SOFTHSM2_CONF": endpoints["SOFTHSM2_CONF"],
         **hsm_token,
     }
-    if os.environ.get("KLM_KAFKA_SECURITY") == "sasl":  # secured stack: ACLs for our prefix
-        subprocess.run([str(REPO / "infra" / "stack.sh"), "kafka-acls", env["KLM_TOPIC_PREFIX"]],
-                       capture_output=True, check=True, timeout=300)
     asyncio.run(_create_namespace(admin_dsn, namespace, env))
     yield env
     asyncio.run(_drop_database(admin_dsn, namespace))
@@ -155,6 +156,7 @@ async def _create_namespace(admin_dsn: str, database: str, env: dict[str, str]) 
         await conn.close()
     settings = settings_for(env)
     await provision(settings)
+    await asyncio.to_thread(allow_prefix, settings.topic_prefix)  # secured stack: ACLs
     await ensure_topics(settings)
 
 

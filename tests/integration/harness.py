@@ -18,6 +18,8 @@ import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from klm_common.envelope import CloudEvent, EnvelopeInvalid, parse_envelope
+from klm_common.kafka import kafka_security
+from klm_common.settings import KlmSettings
 
 SERVICE_PORT_ENV = {"keygen": "KLM_KEYGEN_PORT", "rotation": "KLM_ROTATION_PORT",
                     "backup": "KLM_BACKUP_PORT", "audit": "KLM_AUDIT_PORT"}
@@ -125,18 +127,43 @@ class ServiceProcess:
         self.start()
 
 
+STACK = Path(__file__).resolve().parents[2] / "infra" / "stack.sh"
+
+
+def allow_prefix(prefix: str) -> None:
+    """On the secured stack, give every service principal its ACLs on the topics and
+    groups of ``prefix`` (``infra/stack.sh kafka-acls``): each namespace of its own (a test
+    module's, a benchmark's) needs them, as production names got theirs at ``make up``."""
+    if KlmSettings().kafka_security != "sasl":
+        return
+    done = subprocess.run([str(STACK), "kafka-acls", prefix], capture_output=True, text=True,
+                          timeout=300, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"infra/stack.sh kafka-acls {prefix} failed:\n"
+                           f"{done.stdout}{done.stderr}")
+
+
+def stack_login() -> dict[str, Any]:
+    """The Kafka login for the stack in the environment (``infra/stack.sh env``): admin on
+    the secured stack, nothing on a PLAINTEXT one. Clients of another instance (the chaos
+    tests' own Kafka) pass their own login, ``{}`` for none."""
+    return kafka_security(KlmSettings())
+
+
 class EventLog:
     """Reads a topic from the beginning into memory; tests wait for events in it."""
 
     def __init__(self, bootstrap: str, topic: str, security: dict[str, Any] | None = None
                  ) -> None:
-        """``security``: the Kafka login (``klm_common.kafka.kafka_security``), if any."""
+        """``security``: the Kafka login (``klm_common.kafka.kafka_security``); None: the
+        stack's (:func:`stack_login`)."""
         self.topic = topic
         self.events: list[CloudEvent] = []
         self.garbage = 0
         self._changed = asyncio.Condition()
         self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                          auto_offset_reset="earliest", **(security or {}))
+                                          auto_offset_reset="earliest",
+                                          **(stack_login() if security is None else security))
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -190,9 +217,11 @@ class EventLog:
 
 async def publish(bootstrap: str, topic: str, values: list[tuple[bytes | None, bytes]],
                   security: dict[str, Any] | None = None) -> None:
-    """Publish raw ``(key, value)`` records and wait until Kafka has them all."""
+    """Publish raw ``(key, value)`` records and wait until Kafka has them all (``security``
+    as for :class:`EventLog`)."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True,
-                                acks="all", linger_ms=5, **(security or {}))
+                                acks="all", linger_ms=5,
+                                **(stack_login() if security is None else security))
     await producer.start()
     try:
         futures = [await producer.send(topic, value, key=key) for key, value in values]

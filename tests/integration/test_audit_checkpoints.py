@@ -33,7 +33,7 @@ from klm_common.events import AuditCheckpoint
 from klm_common.settings import KlmSettings
 from klm_common.topics import Topics
 from tests.integration.conftest import _create_namespace, _drop_database, settings_for
-from tests.integration.harness import ServiceProcess
+from tests.integration.harness import ServiceProcess, stack_login
 from tests.integration.test_audit_ingest import generated, request, send
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -70,7 +70,7 @@ def ns_env(klm_env: dict[str, str], namespace: str, tmp_path_factory: pytest.Tem
 
 async def _create_topic(bootstrap: str, name: str) -> None:
     """A tenant's request topic, before audit starts (its pattern subscription sees it)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **stack_login())
     await admin.start()
     try:
         await admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1)])

@@ -353,7 +353,7 @@ async def test_sustained_load_survives_every_fault(chaos_stack: StackInstance,
     topics = Topics(chaos_ns.env["KLM_TOPIC_PREFIX"])
     logs = tmp_path_factory.mktemp("chaos-logs")
     procs = {name: start(name, chaos_ns, logs) for name in SERVICES}
-    lifecycle = EventLog(chaos_stack.bootstrap, topics.lifecycle)
+    lifecycle = EventLog(chaos_stack.bootstrap, topics.lifecycle, {})
     supervisor = Supervisor(procs)
     try:
         await asyncio.gather(*(wait_ready(p) for p in procs.values()))

@@ -26,10 +26,11 @@ from opentelemetry.trace import SpanKind, set_span_in_context
 
 from klm_common.envelope import CloudEvent, make_event
 from klm_common.events import GenerateKey
+from klm_common.kafka import ensure_topics
 from klm_common.metrics import prometheus_names
 from klm_common.settings import KlmSettings
 from klm_common.topics import Topics
-from tests.integration.harness import EventLog, ServiceProcess, publish
+from tests.integration.harness import EventLog, ServiceProcess, allow_prefix, publish, stack_login
 from tests.integration.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -43,8 +44,11 @@ def receiver() -> Iterator[OtlpReceiver]:
 
 
 @pytest.fixture(scope="module")
-def obs_topics(namespace: str) -> Topics:
-    return Topics(f"{namespace}.obs.")
+def obs_topics(namespace: str, settings: KlmSettings) -> Topics:
+    prefix = f"{namespace}.obs."
+    allow_prefix(prefix)  # the secured stack's ACLs for our topics
+    asyncio.run(ensure_topics(settings.model_copy(update={"topic_prefix": prefix})))
+    return Topics(prefix)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +86,8 @@ async def publish_traced(settings: KlmSettings, topic: str, event: CloudEvent,
                          context: Any) -> None:
     carrier: dict[str, str] = {}
     propagate.inject(carrier, context=context)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
+                                **stack_login())
     await producer.start()
     try:
         await producer.send_and_wait(topic, event.to_bytes(), key=event.partition_key,

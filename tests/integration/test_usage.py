@@ -29,7 +29,7 @@ from klm_common.events import (
 from klm_common.settings import KlmSettings
 from klm_common.topics import Topics
 from tests.integration.conftest import REPO, settings_for
-from tests.integration.harness import EventLog, ServiceProcess, publish
+from tests.integration.harness import EventLog, ServiceProcess, allow_prefix, publish
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 OWNER = "usage-tests"
@@ -43,7 +43,9 @@ DAY_SECONDS = "0.2"
 # the session's.
 @pytest.fixture(scope="module")
 def settings(klm_env: dict[str, str]) -> KlmSettings:
-    return settings_for({**klm_env, "KLM_TOPIC_PREFIX": klm_env["KLM_TOPIC_PREFIX"] + "usage."})
+    prefix = klm_env["KLM_TOPIC_PREFIX"] + "usage."
+    allow_prefix(prefix)  # the secured stack's ACLs for our topics
+    return settings_for({**klm_env, "KLM_TOPIC_PREFIX": prefix})
 
 
 @pytest.fixture(scope="module")
