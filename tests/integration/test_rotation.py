@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
 import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -370,3 +371,44 @@ async def test_sighup_reloads_even_when_the_file_looks_unchanged(
         lambda e: e.type == "klm.policy.changed" and e.data["version"] == new, timeout=10)
     assert change.data["changed"] == ["version"]
     assert schedulers[0].proc.poll() is None  # SIGHUP reloads, it does not stop the service
+
+
+def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """The samples of one metric family in Prometheus text: (labels, value)."""
+    out = []
+    for line in text.splitlines():
+        head, _, value = line.rpartition(" ")
+        if head != name and not head.startswith(name + "{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', head[len(name):]))
+        out.append((labels, float(value)))
+    return out
+
+
+async def test_inventory_gauges_on_the_metrics_endpoint(
+        schedulers: list[ServiceProcess], settings: KlmSettings, topics: Topics,
+        lifecycle: EventLog) -> None:
+    await generate(settings, topics, lifecycle)
+    deadline = asyncio.get_running_loop().time() + 30
+    async with httpx.AsyncClient(base_url=schedulers[0].url) as http:
+        while True:
+            text = (await http.get("/metrics")).text
+            keys = samples(text, "klm_keys")
+            age = samples(text, "klm_key_oldest_active_age_seconds")
+            due = samples(text, "klm_rotation_due")
+            if keys and age and due:
+                break
+            assert asyncio.get_running_loop().time() < deadline, text[-3000:]
+            await asyncio.sleep(0.5)
+    wrapped = [n for labels, n in keys if labels.get("klm_key_state") == "active"
+               and labels.get("klm_key_algorithm") == "AES-256"
+               and labels.get("klm_key_protection") == "hsm-wrapped"]
+    assert wrapped and wrapped[0] >= 1, keys
+    assert all(set(labels) >= {"klm_key_state", "klm_key_algorithm", "klm_key_protection"}
+               for labels, _ in keys)
+    if lifecycle.matching(lambda e: e.type == "klm.key.observed"):
+        assert any(labels["klm_key_protection"] == "observed" for labels, _ in keys), keys
+    [(_, oldest)] = age
+    assert oldest > 0
+    [(_, due_now)] = due
+    assert due_now >= 0

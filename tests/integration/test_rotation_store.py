@@ -148,3 +148,33 @@ async def test_a_refusal_is_counted_and_the_retry_gets_a_new_id(
         assert len(retries) == 2 and retries[1].id != sent.id
     finally:
         await pool.close()
+
+
+async def test_inventory_figures_group_the_keys_and_count_due_rotations(
+        store_settings: KlmSettings) -> None:
+    """What the klm.keys / oldest-age / rotations-due gauges read (other tests' keys are AES
+    keys made at T0 and due after it: these are told apart by algorithm and time)."""
+    deps, pool = await deps_for(store_settings, T0)
+    old = T0 - timedelta(days=1000)
+    signing = {"algorithm": "RSA", "size": 3072, "usages": ("sign", "verify"),
+               "protection": "hsm-resident"}
+    rsa = key(**signing, primary_since=old, created_at=old, versions={1: Version("active", old)})
+    suspended = key(**signing, state="suspended")
+    legacy = key(origin="observed", protection="observed", algorithm="HMAC-SHA1", size=160,
+                 usages=("mac",), location="legacy://mac")
+    try:
+        await add_keys(deps, [rsa, suspended, legacy])
+        async with deps.inventory.unit_of_work() as tx:
+            assert (await tx.load_keys([rsa.key_id]))[rsa.key_id] == rsa  # protection kept
+        inventory = deps.inventory
+        assert isinstance(inventory, PgInventory)
+        # the RSA signing key's 730-day cryptoperiod ended 270 days before T0
+        figures = await inventory.figures(T0 - timedelta(days=200))
+        assert figures.rotations_due == 1
+        assert (await inventory.figures(T0 - timedelta(days=300))).rotations_due == 0
+    finally:
+        await pool.close()
+    assert figures.keys[("active", "RSA-3072", "hsm-resident")] == 1
+    assert figures.keys[("suspended", "RSA-3072", "hsm-resident")] == 1
+    assert figures.keys[("active", "HMAC-SHA1-160", "observed")] == 1
+    assert figures.oldest_active_since == old

@@ -14,7 +14,12 @@ from aiokafka import ConsumerRecord
 from klm_common.envelope import CloudEvent, parse_envelope
 from klm_common.policy import CryptoPolicy
 from klm_rotation.domain.compliance import Changes, Finding
-from klm_rotation.domain.inventory import InventoryKey
+from klm_rotation.domain.inventory import (
+    UNKNOWN_PROTECTION,
+    InventoryFigures,
+    InventoryKey,
+    algorithm_label,
+)
 from klm_rotation.domain.schedule import Due, DueRow
 from klm_rotation.ports import RowId
 
@@ -132,6 +137,18 @@ class FakeInventory:
 
     async def next_due(self) -> datetime | None:
         return min((r.due_at for r in self.state.schedule.values()), default=None)
+
+    async def figures(self, due_before: datetime) -> InventoryFigures:
+        keys: dict[tuple[str, str, str], int] = {}
+        for k in self.state.keys.values():
+            slot = (k.state, algorithm_label(k.algorithm, k.size, k.curve),
+                    k.protection or UNKNOWN_PROTECTION)
+            keys[slot] = keys.get(slot, 0) + 1
+        oldest = min((k.primary_since for k in self.state.keys.values()
+                      if k.state == "active"), default=None)
+        due = sum(1 for (_, kind, _), row in self.state.schedule.items()
+                  if kind == "rotate" and row.due_at <= due_before)
+        return InventoryFigures(keys, oldest, due)
 
     def sent(self, topic: str) -> list[CloudEvent]:
         return [e for t, e in self.state.outbox if t == topic]

@@ -72,14 +72,22 @@ REQUEST_DURATION = MetricSpec(
     "klm.request.duration", Kind.HISTOGRAM, "s",
     "End-to-end request latency: from the request record's Kafka timestamp to its answer "
     "being committed", ("klm.request.type", "klm.outcome"), LATENCY_BUCKETS)
+# the three below are reported by the rotation service, which owns the inventory (created
+# here, fed by klm_rotation.metrics from one read of its inventory per gauge refresh)
 KEYS = MetricSpec(
-    "klm.keys", Kind.GAUGE, "{key}", "Keys by state, algorithm and protection",
+    "klm.keys", Kind.GAUGE, "{key}",
+    "Keys in the inventory (KLM's and observed ones) by state, algorithm with its size or "
+    "curve (e.g. AES-256, EC-P-256) and protection (hsm-wrapped, hsm-resident, observed)",
     ("klm.key.state", "klm.key.algorithm", "klm.key.protection"))
 OLDEST_ACTIVE_KEY_AGE = MetricSpec(
-    "klm.key.oldest_active.age", Kind.GAUGE, "s", "Age of the oldest active key version")
+    "klm.key.oldest_active.age", Kind.GAUGE, "s",
+    "Age of the oldest primary version of an active key (since it became primary); no "
+    "reading when no key is active")
 ROTATIONS_DUE = MetricSpec(
     "klm.rotation.due", Kind.GAUGE, "{key}",
-    "Keys whose automatic rotation falls due within the policy's notice window")
+    "Keys whose rotation (automatic or notify) is due within the notice window: "
+    "KLM_ROTATION_NOTICE_DAYS policy days from now (default 1), including those already "
+    "due and not yet done")
 # the three below are created and reported by the rotation service (klm_rotation/metrics.py);
 # the catalogue names them so that dashboards and tests know them
 ROTATIONS_OVERDUE = MetricSpec(

@@ -51,8 +51,8 @@ def _start_jobs(rotation: Rotation) -> list[asyncio.Task[None]]:
         asyncio.create_task(jobs.run_scan(deps, s.scan_page_size, s.scan_pause), name="scan"),
         asyncio.create_task(jobs.run_policy_watch(deps, rotation.policy_source,
                                                   s.policy_poll_seconds), name="policy-watch"),
-        asyncio.create_task(jobs.run_gauge(deps, s.findings_gauge_seconds),
-                            name="findings-gauge"),
+        asyncio.create_task(jobs.run_gauge(deps, s.findings_gauge_seconds,
+                                           s.rotation_notice_days), name="gauges"),
     ]
 
 

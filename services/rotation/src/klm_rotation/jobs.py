@@ -1,5 +1,5 @@
 """Rotation's background jobs: the due-work scheduler, the continuous compliance scan, the
-policy watcher and the findings gauge. Each is a loop that survives errors (logged, retried);
+policy watcher and the inventory gauges. Each is a loop that survives errors (logged, retried);
 none holds state that a restart would lose — everything lives in Postgres."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from klm_common.background import Wakeup
 from klm_rotation.adapters.policy_source import PolicySource
+from klm_rotation.domain.schedule import days
 from klm_rotation.handlers import Deps, apply_policy, dispatch_due, scan_page
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,18 @@ async def run_policy_watch(deps: Deps, source: PolicySource, poll: float) -> Non
     await _guarded("policy watch", step)
 
 
-async def run_gauge(deps: Deps, every: float) -> None:
+async def refresh_gauges(deps: Deps, notice_days: float) -> None:
+    """Re-read the gauges' figures: open findings, and the inventory's keys, oldest active
+    key and rotations due within ``notice_days`` policy days."""
+    deps.metrics.open_findings = await deps.inventory.finding_counts()
+    moment = deps.clock()
+    figures = await deps.inventory.figures(moment + days(notice_days, deps.day_seconds))
+    deps.metrics.inventory(figures, moment)
+
+
+async def run_gauge(deps: Deps, every: float, notice_days: float = 1.0) -> None:
     async def step() -> float:
-        deps.metrics.open_findings = await deps.inventory.finding_counts()
+        await refresh_gauges(deps, notice_days)
         return every
 
-    await _guarded("findings gauge", step)
+    await _guarded("inventory gauges", step)

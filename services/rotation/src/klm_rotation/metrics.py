@@ -1,14 +1,34 @@
 """Rotation's OpenTelemetry instruments: open findings by code and severity (a gauge read
-from the findings table), findings raised/cleared, commands dispatched, refusals."""
+from the findings table), findings raised/cleared, commands dispatched, refusals — and the
+inventory gauges of the klm-common catalogue it feeds (``klm.keys``,
+``klm.key.oldest_active.age``, ``klm.rotation.due``): rotation owns the inventory."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
+from klm_common import metrics as catalogue
 from klm_rotation.domain.compliance import Changes
+from klm_rotation.domain.inventory import InventoryFigures
+
+
+def inventory_readings(figures: InventoryFigures, now: datetime
+                       ) -> dict[catalogue.MetricSpec, list[catalogue.Reading]]:
+    """The catalogue gauges' readings for one read of the inventory."""
+    keys: list[catalogue.Reading] = [
+        (float(n), {"klm.key.state": state, "klm.key.algorithm": algorithm,
+                    "klm.key.protection": protection})
+        for (state, algorithm, protection), n in sorted(figures.keys.items())]
+    since = figures.oldest_active_since
+    age: list[catalogue.Reading] = []  # no active key: no reading (not an age of 0)
+    if since is not None:
+        age.append((max(0.0, (now - since).total_seconds()), {}))
+    return {catalogue.KEYS: keys, catalogue.OLDEST_ACTIVE_KEY_AGE: age,
+            catalogue.ROTATIONS_DUE: [(float(figures.rotations_due), {})]}
 
 
 class RotationMetrics:
@@ -41,6 +61,12 @@ class RotationMetrics:
 
     def rejected(self, kind: str, code: str) -> None:
         self._refused.add(1, {"kind": kind, "code": code})
+
+    def inventory(self, figures: InventoryFigures, now: datetime) -> None:
+        """Replace the inventory gauges' readings (a vanished state/algorithm/protection
+        combination stops being reported)."""
+        for spec, readings in inventory_readings(figures, now).items():
+            catalogue.replace_gauge(spec, readings)
 
     def _observe_open(self, _: CallbackOptions) -> Iterable[Observation]:
         return [Observation(n, {"code": code, "severity": severity})

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from klm_common.envelope import CloudEvent
 from klm_common.policy import CryptoPolicy
 from klm_rotation.domain.compliance import Changes, Finding
-from klm_rotation.domain.inventory import InventoryKey
+from klm_rotation.domain.inventory import InventoryFigures, InventoryKey
 from klm_rotation.domain.schedule import Due, DueRow, Kind
 
 RowId = tuple[str, Kind, int]
@@ -65,3 +65,7 @@ class Inventory(Protocol):
     async def finding_counts(self) -> dict[tuple[str, str], int]: ...
 
     async def next_due(self) -> datetime | None: ...
+
+    async def figures(self, due_before: datetime) -> InventoryFigures:
+        """Keys by state/algorithm/protection, the oldest active primary version, and the
+        rotations due by ``due_before`` (what the inventory gauges show)."""

@@ -23,8 +23,12 @@ class RotationSettings(KlmSettings):
     #: policy day, at most 5 minutes)
     scan_page_size: int = 1000
     scan_pass_seconds: float | None = None
-    #: how often the open-findings gauge is re-read from the findings table
+    #: how often the gauges (open findings, keys, oldest active key, rotations due) are
+    #: re-read from the inventory
     findings_gauge_seconds: float = 10.0
+    #: klm.rotation.due counts the rotations due within this many policy days from now
+    #: (including those already due and not yet done)
+    rotation_notice_days: float = 1.0
 
     @property
     def schedule_poll(self) -> float:

@@ -18,7 +18,13 @@ from klm_common.envelope import CloudEvent
 from klm_common.outbox import add_to_outbox
 from klm_common.policy import CryptoPolicy
 from klm_rotation.domain.compliance import Changes, Finding
-from klm_rotation.domain.inventory import InventoryKey, Version
+from klm_rotation.domain.inventory import (
+    UNKNOWN_PROTECTION,
+    InventoryFigures,
+    InventoryKey,
+    Version,
+    algorithm_label,
+)
 from klm_rotation.domain.schedule import Due, DueRow
 from klm_rotation.ports import RowId
 
@@ -26,7 +32,7 @@ from klm_rotation.ports import RowId
 _KEY_COLUMNS = (
     "key_id, owner, name, algorithm, size, curve, usages, profile, policy, origin, location, "
     "state, primary_version, primary_since, created_at, versions, last_used_at, "
-    "compromised_at, destroy_after, destruction_override, rejections")
+    "compromised_at, destroy_after, destruction_override, rejections, protection")
 
 
 def key_from_row(row: asyncpg.Record) -> InventoryKey:
@@ -40,7 +46,8 @@ def key_from_row(row: asyncpg.Record) -> InventoryKey:
         created_at=row["created_at"], versions=versions, last_used_at=row["last_used_at"],
         compromised_at=row["compromised_at"], destroy_after=row["destroy_after"],
         destruction_override=row["destruction_override"],
-        rejections=json.loads(row["rejections"]) if row["rejections"] != "{}" else {})
+        rejections=json.loads(row["rejections"]) if row["rejections"] != "{}" else {},
+        protection=row["protection"])
 
 
 def key_to_row(k: InventoryKey) -> tuple[Any, ...]:
@@ -48,13 +55,13 @@ def key_to_row(k: InventoryKey) -> tuple[Any, ...]:
     return (k.key_id, k.owner, k.name, k.algorithm, k.size, k.curve, list(k.usages), k.profile,
             k.policy, k.origin, k.location, k.state, k.primary_version, k.primary_since,
             k.created_at, versions, k.last_used_at, k.compromised_at, k.destroy_after,
-            k.destruction_override, json.dumps(k.rejections))
+            k.destruction_override, json.dumps(k.rejections), k.protection)
 
 
 _UPSERT_KEY = f"""
 INSERT INTO keys ({_KEY_COLUMNS}) VALUES
   ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16::jsonb, $17, $18,
-   $19, $20, $21::jsonb)
+   $19, $20, $21::jsonb, $22)
 ON CONFLICT (key_id) DO UPDATE SET
   owner = EXCLUDED.owner, name = EXCLUDED.name, algorithm = EXCLUDED.algorithm,
   size = EXCLUDED.size, curve = EXCLUDED.curve, usages = EXCLUDED.usages,
@@ -64,7 +71,8 @@ ON CONFLICT (key_id) DO UPDATE SET
   created_at = EXCLUDED.created_at, versions = EXCLUDED.versions,
   last_used_at = EXCLUDED.last_used_at, compromised_at = EXCLUDED.compromised_at,
   destroy_after = EXCLUDED.destroy_after, destruction_override = EXCLUDED.destruction_override,
-  rejections = EXCLUDED.rejections, updated_at = now()"""  # noqa: S608
+  rejections = EXCLUDED.rejections, protection = EXCLUDED.protection,
+  updated_at = now()"""  # noqa: S608
 
 #: below this many events the shared helper's per-row INSERT is as good
 _FEW = 50
@@ -245,3 +253,27 @@ class PgInventory:
     async def next_due(self) -> datetime | None:
         value = await self._pool.fetchval("SELECT min(due_at) FROM schedule")
         return value if isinstance(value, datetime) else None
+
+    async def figures(self, due_before: datetime) -> InventoryFigures:
+        """One grouped pass over the keys, and the rotate rows due by ``due_before`` through
+        the ``due_at`` index (its cost grows with the rows due, not the inventory)."""
+        async with self._pool.acquire() as conn:
+            groups = await conn.fetch(_KEY_GROUPS)
+            due = await conn.fetchval(
+                "SELECT count(*) FROM schedule WHERE due_at <= $1 AND kind = 'rotate'",
+                due_before)
+        keys: dict[tuple[str, str, str], int] = {}
+        for r in groups:
+            slot = (r["state"], algorithm_label(r["algorithm"], r["size"], r["curve"]),
+                    r["protection"] or UNKNOWN_PROTECTION)
+            keys[slot] = keys.get(slot, 0) + r["n"]
+        oldest = min((r["oldest"] for r in groups if r["oldest"] is not None), default=None)
+        return InventoryFigures(keys, oldest, int(due or 0))
+
+
+#: keys by state, algorithm (with size or curve) and protection; the oldest primary version
+#: of an active key
+_KEY_GROUPS = """
+SELECT state, algorithm, size, curve, protection, count(*) AS n,
+       min(primary_since) FILTER (WHERE state = 'active') AS oldest
+FROM keys GROUP BY state, algorithm, size, curve, protection"""

@@ -71,12 +71,34 @@ class InventoryKey:
     destruction_override: bool = False
     #: commands keygen refused, by "<kind>:<version>": the next attempt gets a new id
     rejections: dict[str, int] = field(default_factory=dict)
+    #: ``hsm-wrapped`` / ``hsm-resident`` (klm.key.generated), ``observed`` for imported
+    #: metadata; None for keys projected before the inventory kept it
+    protection: str | None = None
 
     @property
     def label(self) -> str:
-        if self.curve:
-            return f"{self.algorithm}-{self.curve}"
-        return f"{self.algorithm}-{self.size}"
+        return algorithm_label(self.algorithm, self.size, self.curve)
+
+
+def algorithm_label(algorithm: str, size: int, curve: str | None) -> str:
+    """``AES-256``, ``EC-P-256``, ``RSA-1024``: the algorithm with what sets its strength."""
+    return f"{algorithm}-{curve}" if curve else f"{algorithm}-{size}"
+
+
+#: the protection label of a key whose protection the inventory does not know
+UNKNOWN_PROTECTION = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryFigures:
+    """What the inventory gauges show (one read of the inventory and the schedule)."""
+
+    #: keys by (state, algorithm label, protection)
+    keys: dict[tuple[str, str, str], int]
+    #: the earliest ``primary_since`` among active keys (None: no active key)
+    oldest_active_since: datetime | None
+    #: rotate rows due up to the notice horizon
+    rotations_due: int
 
 
 def _generated(event: CloudEvent, d: KeyGenerated) -> InventoryKey:
@@ -86,7 +108,7 @@ def _generated(event: CloudEvent, d: KeyGenerated) -> InventoryKey:
         curve=d.curve, usages=tuple(sorted(d.usages)), profile=d.profile, policy=d.policy,
         origin="klm", location=None, state=d.state, primary_version=d.version,
         primary_since=since, created_at=d.created_at,
-        versions={d.version: Version(d.state, d.created_at)})
+        versions={d.version: Version(d.state, d.created_at)}, protection=d.protection)
 
 
 def _observed(event: CloudEvent, d: KeyObserved) -> InventoryKey:
@@ -95,7 +117,7 @@ def _observed(event: CloudEvent, d: KeyObserved) -> InventoryKey:
         curve=d.curve, usages=tuple(sorted(d.usages)), profile=d.profile, policy=d.policy,
         origin="observed", location=d.location, state=d.state, primary_version=1,
         primary_since=d.created_at, created_at=d.created_at,
-        versions={1: Version(d.state, d.created_at)})
+        versions={1: Version(d.state, d.created_at)}, protection="observed")
 
 
 def _with_version(key: InventoryKey, number: int, version: Version) -> dict[int, Version]:
