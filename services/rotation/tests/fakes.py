@@ -21,7 +21,7 @@ from klm_rotation.domain.inventory import (
     algorithm_label,
 )
 from klm_rotation.domain.schedule import Due, DueRow
-from klm_rotation.ports import RowId
+from klm_rotation.ports import RecordedPolicy, RowId
 
 
 @dataclass
@@ -40,7 +40,8 @@ class State:
     findings: dict[str, dict[str, Finding]] = field(default_factory=dict)
     outbox: list[tuple[str, CloudEvent]] = field(default_factory=list)
     cursor: str = ""
-    policy: tuple[str, dict[str, Any]] | None = None
+    #: name → (sha256, document, path)
+    policies: dict[str, tuple[str, dict[str, Any], str]] = field(default_factory=dict)
 
 
 class FakeTx:
@@ -106,14 +107,24 @@ class FakeTx:
         self.s.cursor = "" if len(ids) < limit else ids[-1]
         return [self.s.keys[k] for k in ids]
 
-    async def record_policy(self, policy: CryptoPolicy
+    async def record_policy(self, policy: CryptoPolicy, path: str
                             ) -> tuple[bool, str | None, dict[str, Any] | None]:
-        previous = self.s.policy
+        previous = self.s.policies.get(policy.name)
         if previous is not None and previous[0] == policy.digest():
             return False, previous[0], previous[1]
-        self.s.policy = (policy.digest(), policy.model_dump(mode="json"))
+        self.s.policies[policy.name] = (policy.digest(), policy.model_dump(mode="json"), path)
         self.s.cursor = ""
         return True, previous[0] if previous else None, previous[1] if previous else None
+
+    async def forget_policies(self, keep: Sequence[str]) -> list[RecordedPolicy]:
+        gone = sorted(set(self.s.policies) - set(keep))
+        if gone:
+            self.s.cursor = ""
+        out = []
+        for name in gone:
+            sha, document, path = self.s.policies.pop(name)
+            out.append(RecordedPolicy(name, document["version"], sha, path))
+        return out
 
 
 class FakeInventory:

@@ -9,12 +9,12 @@ from services.rotation.tests.factories import T0, fact, generated, key_id, later
 from services.rotation.tests.fakes import Clock, FakeDeadLetters, FakeInventory, record
 
 from klm_common.envelope import make_event
-from klm_common.policy import load_policy
+from klm_common.policy import PolicySet, load_policy
 from klm_common.topics import Topics
 from klm_rotation.handlers import (
     Deps,
     PolicyInForce,
-    apply_policy,
+    apply_policies,
     dispatch_due,
     handle_facts,
     import_observed_key,
@@ -196,10 +196,10 @@ async def test_the_scan_raises_time_based_findings_and_clears_them(deps: Deps,
 
 async def test_a_policy_change_is_recorded_once(deps: Deps) -> None:
     policy = load_policy()
-    assert await apply_policy(deps, policy, "default")
-    assert not await apply_policy(deps, policy, "default")
+    assert await apply_policies(deps, PolicySet(policy))
+    assert not await apply_policies(deps, PolicySet(policy))
     stricter = policy.model_copy(update={"version": 2})
-    assert await apply_policy(deps, stricter, "p.yaml")
+    assert await apply_policies(deps, PolicySet(stricter, origins={policy.name: "p.yaml"}))
     changes = [e for e in inv(deps).sent(TOPICS.lifecycle) if e.type == "klm.policy.changed"]
     assert [e.data["version"] for e in changes] == [1, 2]
     assert changes[1].data["changed"] == ["version"]

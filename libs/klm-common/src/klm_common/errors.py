@@ -56,6 +56,12 @@ class UsageNotPermitted(RequestInvalid):
     code = "usage_not_permitted"
 
 
+class PolicyUnknown(RequestInvalid):
+    """The request names a crypto policy that is not loaded (KLM_POLICY_FILE, KLM_POLICY_DIR)."""
+
+    code = "policy_unknown"
+
+
 class MechanismUnavailable(RequestInvalid):
     """The HSM module lacks a mechanism this request needs."""
 

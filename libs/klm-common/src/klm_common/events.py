@@ -395,7 +395,8 @@ class KeyObserved(KeyMetadata):
 
 
 class PolicyChanged(EventData):
-    """The crypto policy in force changed (loaded at start or reloaded)."""
+    """A crypto policy in force changed (loaded at start or reloaded), one event per policy
+    of the set (the default one and each named one)."""
 
     event_type = "klm.policy.changed"
     name: str
@@ -405,6 +406,9 @@ class PolicyChanged(EventData):
     path: str
     changed: list[str] = Field(default_factory=list, description="sections that differ")
     loaded_by: str
+    removed: bool = Field(default=False, description="the policy is no longer loaded (its "
+                          "file left the policy directory); keys naming it follow the "
+                          "default policy and get a policy_unknown finding")
 
 class UsageDenied(EventData):
     event_type = "klm.key.usage_denied"

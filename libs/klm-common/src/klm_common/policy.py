@@ -8,7 +8,12 @@ NIST IR 8547 ipd — each figure cites its source in the file). Periods are in p
 *days*: a service multiplies them by ``KlmSettings.day_seconds`` (86400 in production).
 Calendar dates of the transition table are real dates and are never scaled.
 
-Pure rules, no I/O beyond :func:`load_policy` reading one file.
+Several policies can be in force at once (:class:`PolicySet`): the default one
+(``KLM_POLICY_FILE`` or the shipped file) and further named ones, one document per file of
+a directory (``KLM_POLICY_DIR``). A key names the policy that governs it (``policy``);
+a key naming none follows the default.
+
+Pure rules, no I/O beyond :func:`load_policy` and :func:`load_policy_set` reading files.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import date
 from importlib import resources
 from pathlib import Path
@@ -25,7 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from klm_common.envelope import validation_message
-from klm_common.errors import RequestInvalid
+from klm_common.errors import PolicyUnknown, RequestInvalid
 
 Severity = Literal["info", "low", "medium", "high", "critical"]
 RotationMode = Literal["automatic", "notify"]
@@ -130,6 +136,8 @@ class Defaults(_Model):
     #: how long past its due time an automatic rotation may lag before it is a finding
     overdue_grace_days: float = Field(default=7, ge=0)
     #: a dispatched command is re-sent (same id, so never executed twice) after this long
+    #: (the scheduler reads it from the default policy only; a refused command's retry
+    #: follows its key's policy)
     redispatch_days: float = Field(default=1, gt=0)
     #: a key used within this many days needs an override to be destroyed
     recent_use_days: float = Field(default=30, ge=0)
@@ -228,6 +236,12 @@ def parse_policy(text: str, origin: str = "<policy>") -> CryptoPolicy:
         raise PolicyInvalid(f"{origin}: {validation_message(exc)}") from None
 
 
+#: how the shipped default policy is named where a path would be
+SHIPPED_DEFAULT = "klm_common/policies/default.yaml"
+#: the files of a policy directory that are policies (others are ignored)
+POLICY_SUFFIXES = (".yaml", ".yml", ".json")
+
+
 def default_policy_text() -> str:
     return resources.files("klm_common").joinpath("policies/default.yaml").read_text()
 
@@ -235,5 +249,90 @@ def default_policy_text() -> str:
 def load_policy(path: Path | None = None) -> CryptoPolicy:
     """The policy at ``path``, or the shipped default policy."""
     if path is None:
-        return parse_policy(default_policy_text(), "klm_common/policies/default.yaml")
+        return parse_policy(default_policy_text(), SHIPPED_DEFAULT)
     return parse_policy(path.read_text(), str(path))
+
+
+class PolicySet:
+    """The policies in force, by name: the default one and the named ones.
+
+    Names are unique (a second document with a name already taken is refused, so a key's
+    ``policy`` always means one document). ``origins`` says which file each came from."""
+
+    def __init__(self, default: CryptoPolicy, others: Iterable[CryptoPolicy] = (),
+                 origins: Mapping[str, str] | None = None) -> None:
+        self.default = default
+        self.origins = dict(origins or {default.name: SHIPPED_DEFAULT})
+        self._by_name: dict[str, CryptoPolicy] = {default.name: default}
+        for policy in others:
+            if policy.name in self._by_name:
+                raise PolicyInvalid(
+                    f"two policies are named {policy.name!r}: "
+                    f"{self.origins.get(policy.name, '?')} and another one; names must be "
+                    "unique", name=policy.name)
+            self._by_name[policy.name] = policy
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._by_name)
+
+    def __iter__(self) -> Iterator[CryptoPolicy]:
+        """Every policy, the default first, then by name."""
+        yield self.default
+        yield from (self._by_name[n] for n in self.names if n != self.default.name)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def knows(self, name: str | None) -> bool:
+        return name is None or name in self._by_name
+
+    def get(self, name: str | None) -> CryptoPolicy | None:
+        """The policy a key naming ``name`` follows (None names the default); None if
+        no policy has that name."""
+        return self.default if name is None else self._by_name.get(name)
+
+    def for_key(self, name: str | None) -> CryptoPolicy:
+        """Like :meth:`get`, for a request: an unknown name raises :class:`PolicyUnknown`."""
+        policy = self.get(name)
+        if policy is None:
+            raise PolicyUnknown(f"no policy named {name!r} is loaded (known: "
+                                f"{', '.join(self.names)})", policy=name or "")
+        return policy
+
+    def applied(self, name: str | None) -> CryptoPolicy:
+        """The policy applied to a key naming ``name``: the default one while the name is
+        unknown (the inventory raises a ``policy_unknown`` finding meanwhile)."""
+        return self.get(name) or self.default
+
+    def origin(self, policy: CryptoPolicy) -> str:
+        return self.origins.get(policy.name, SHIPPED_DEFAULT)
+
+
+def policy_files(directory: Path) -> list[Path]:
+    """The policy documents of a directory (not recursive; hidden files skipped), by name."""
+    if not directory.is_dir():
+        raise PolicyInvalid(f"policy directory {directory} does not exist")
+    return sorted(p for p in directory.iterdir()
+                  if p.suffix in POLICY_SUFFIXES and not p.name.startswith(".") and p.is_file())
+
+
+def load_policy_set(default: Path | None = None, directory: Path | None = None) -> PolicySet:
+    """The default policy (``default``, or the shipped one) and every policy document of
+    ``directory``; raises :class:`PolicyInvalid` if one does not validate or two share a
+    name (the default file may itself be in the directory: it is read once)."""
+    first = load_policy(default)
+    origins = {first.name: str(default) if default else SHIPPED_DEFAULT}
+    others: list[CryptoPolicy] = []
+    skip = default.resolve() if default else None
+    for path in policy_files(directory) if directory else []:
+        if path.resolve() == skip:
+            continue
+        policy = load_policy(path)
+        if policy.name in origins:
+            raise PolicyInvalid(f"{path}: policy name {policy.name!r} is already used by "
+                                f"{origins[policy.name]}; names must be unique",
+                                name=policy.name)
+        origins[policy.name] = str(path)
+        others.append(policy)
+    return PolicySet(first, others, origins)

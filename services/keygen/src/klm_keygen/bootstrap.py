@@ -13,7 +13,7 @@ from faststream.kafka import KafkaBroker
 from klm_common.db import create_pool
 from klm_common.kafka import DeadLetters, make_broker, make_producer
 from klm_common.outbox import OutboxRelay
-from klm_common.policy import CryptoPolicy, load_policy
+from klm_common.policy import PolicySet, load_policy_set
 from klm_common.settings import KlmSettings
 from klm_common.topics import Topics
 from klm_keygen.adapters.certificate_requests import CertificateRequests
@@ -42,15 +42,18 @@ async def bootstrap(settings: KlmSettings) -> Keygen:
     # the PIN is read at each (re)open: a corrected PIN file is picked up without a restart
     hsm = Pkcs11Hsm(settings.hsm_module, settings.hsm_token_label, settings.hsm_user_pin)
     relay = OutboxRelay(pool, producer, batch=settings.outbox_batch)
+    policies = _policies()
     deps = Deps(hsm=hsm, keystore=PgKeystore(pool, topics.lifecycle),
                 dead_letters=DeadLetters(broker, topics, "keygen"), on_commit=relay.wake,
-                day_seconds=settings.day_seconds, policy=_requester_policy(),
+                day_seconds=settings.day_seconds, policy=policies.default, policies=policies,
                 csrs=CertificateRequests(hsm, pool))
     return Keygen(settings, topics, broker, producer, pool, hsm, relay, deps)
 
 
-def _requester_policy() -> CryptoPolicy:
-    """The crypto policy whose ``permissions`` say which tenant may request what: the file
-    rotation enforces (``KLM_POLICY_FILE``), else the shipped default."""
-    path = os.environ.get("KLM_POLICY_FILE")
-    return load_policy(Path(path) if path else None)
+def _policies() -> PolicySet:
+    """The crypto policies rotation enforces, read at start: the default one
+    (``KLM_POLICY_FILE``, else the shipped default), whose ``permissions`` say which tenant
+    may request what, and the named ones of ``KLM_POLICY_DIR``, the names a new key may
+    carry. Rotation reloads them live; keygen takes a new name after a restart."""
+    path, directory = os.environ.get("KLM_POLICY_FILE"), os.environ.get("KLM_POLICY_DIR")
+    return load_policy_set(Path(path) if path else None, Path(directory) if directory else None)

@@ -17,7 +17,7 @@ from klm_common.service import Health, serve, service_app
 from klm_common.telemetry import setup_telemetry
 from klm_rotation import jobs
 from klm_rotation.bootstrap import Rotation, bootstrap
-from klm_rotation.handlers import apply_policy, handle_facts, import_observed_key
+from klm_rotation.handlers import apply_policies, handle_facts, import_observed_key
 from klm_rotation.metrics import RotationMetrics
 from klm_rotation.settings import RotationSettings
 
@@ -78,10 +78,11 @@ def create_app(settings: RotationSettings | None = None) -> Starlette:
         register(rotation)
         await rotation.producer.start()
         rotation.relay.start()
-        await apply_policy(rotation.deps, rotation.deps.policy.policy, rotation.policy_source.name)
+        await apply_policies(rotation.deps, rotation.deps.policy.policies)
         await rotation.broker.start()
         tasks = _start_jobs(rotation)
-        log.info("rotation ready: policy %s, day = %ss", rotation.policy_source.name,
+        log.info("rotation ready: policies %s (default %s), day = %ss",
+                 ", ".join(rotation.deps.policy.policies.names), rotation.policy_source.name,
                  settings.day_seconds)
         try:
             yield

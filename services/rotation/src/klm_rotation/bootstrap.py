@@ -34,13 +34,13 @@ class Rotation:
 
 async def bootstrap(settings: RotationSettings, metrics: RotationMetrics) -> Rotation:
     topics = Topics(settings.topic_prefix)
-    source = PolicySource(settings.policy_file)
-    policy = source.load()  # an invalid policy stops the start: nothing runs unchecked
+    source = PolicySource(settings.policy_file, settings.policy_dir)
+    policies = source.load()  # an invalid policy stops the start: nothing runs unchecked
     broker = make_broker(settings, "klm-rotation")
     producer = make_producer(settings, "klm-rotation-outbox")
     pool = await create_pool(settings, "rotation")
     relay = OutboxRelay(pool, producer, batch=settings.outbox_batch)
-    deps = Deps(inventory=PgInventory(pool), policy=PolicyInForce(policy, source.name),
+    deps = Deps(inventory=PgInventory(pool), policy=PolicyInForce(policies),
                 topics=topics, day_seconds=settings.day_seconds,
                 dead_letters=DeadLetters(broker, topics, "rotation"), metrics=metrics,
                 on_commit=relay.wake, dispatch_batch=settings.dispatch_batch,

@@ -4,7 +4,10 @@ its dependencies (:class:`Deps`) and doing its work in one unit of work.
 * ``klm.lifecycle`` facts → inventory projection, schedule, findings (:func:`handle_facts`)
 * ``klm.inventory.requests`` → observed keys (:func:`import_observed_key`)
 * due work → rotate / deactivate / destroy commands (:func:`dispatch_due`)
-* continuous compliance scan (:func:`scan_page`) and policy (re)loads (:func:`apply_policy`)
+* continuous compliance scan (:func:`scan_page`) and policy (re)loads (:func:`apply_policies`)
+
+Every key is planned and judged under the policy it names (:class:`PolicyInForce`), the
+default one when it names none — or names one that is not loaded (with a finding).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from klm_common.events import (
     parse_data,
 )
 from klm_common.kafka import DeadLetters, Inbound, split_batch
-from klm_common.policy import CryptoPolicy, changed_sections
+from klm_common.policy import SHIPPED_DEFAULT, CryptoPolicy, PolicySet, changed_sections
 from klm_common.topics import Topics
 from klm_rotation.domain import compliance, schedule
 from klm_rotation.domain.inventory import InventoryKey, apply, note_rejection
@@ -40,10 +43,22 @@ from klm_rotation.ports import Inventory, RowId, Tx
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class PolicyInForce:
-    policy: CryptoPolicy
-    path: str
+    """The policies rotation applies now; a reload swaps the whole set. A single
+    :class:`CryptoPolicy` makes a set of one (unit tests, benchmarks)."""
+
+    def __init__(self, policies: PolicySet | CryptoPolicy, path: str | None = None) -> None:
+        self.policies = policies if isinstance(policies, PolicySet) else PolicySet(
+            policies, origins={policies.name: path or SHIPPED_DEFAULT})
+
+    @property
+    def policy(self) -> CryptoPolicy:
+        """The default policy: what a key naming no policy follows."""
+        return self.policies.default
+
+    def of(self, key: InventoryKey) -> CryptoPolicy:
+        """The policy that governs ``key`` (the default while its name is unknown)."""
+        return self.policies.applied(key.policy)
 
 
 @dataclass
@@ -73,15 +88,15 @@ def _fresh(inbound: Sequence[Inbound]) -> list[CloudEvent]:
     return out
 
 
-async def reconcile(tx: Tx, keys: Sequence[InventoryKey], policy: CryptoPolicy,
+async def reconcile(tx: Tx, keys: Sequence[InventoryKey], policies: PolicyInForce,
                     day_seconds: float) -> None:
-    """Make the due-work rows of ``keys`` match their plan; rows whose planned time is
-    unchanged are left alone (they keep their dispatch state)."""
+    """Make the due-work rows of ``keys`` match their plan (each under its own policy); rows
+    whose planned time is unchanged are left alone (they keep their dispatch state)."""
     if not keys:
         return
     existing = await tx.planned([k.key_id for k in keys])
     desired = {(k.key_id, d.kind, d.version): d
-               for k in keys for d in schedule.plan(k, policy, day_seconds)}
+               for k in keys for d in schedule.plan(k, policies.of(k), day_seconds)}
     upserts = [(rid[0], due) for rid, due in desired.items() if existing.get(rid) != due.planned_at]
     deletes = [rid for rid in existing if rid not in desired]
     await tx.write_schedule(upserts, deletes)
@@ -95,7 +110,7 @@ async def assess(tx: Tx, keys: Sequence[InventoryKey], deps: Deps,
     current = await tx.findings_of([k.key_id for k in keys])
     moment = deps.clock()
     for key in keys:
-        after = compliance.evaluate(key, deps.policy.policy, moment, deps.day_seconds)
+        after = compliance.evaluate_in(key, deps.policy.policies, moment, deps.day_seconds)
         compliance.compare(key, current.get(key.key_id, {}), after, changes)
 
 
@@ -168,9 +183,20 @@ class Projection:
             return
         self.keys[key.key_id] = self.touched[key.key_id] = key
         if isinstance(data, DestructionScheduled):
-            record = compliance.override_record(key, deps.policy.policy, deps.clock(),
+            record = compliance.override_record(key, deps.policy.of(key), deps.clock(),
                                                 deps.day_seconds, event)
             self.records += [record] if record else []
+
+
+async def _postpone_retries(tx: Tx, batch: Projection, deps: Deps) -> None:
+    """A refused command is tried again after its key's policy's redispatch period."""
+    by_wait: dict[float, list[RowId]] = {}
+    for row in batch.retries:
+        key = batch.keys.get(row[0])
+        policy = deps.policy.of(key) if key is not None else deps.policy.policy
+        by_wait.setdefault(policy.defaults.redispatch_days, []).append(row)
+    for wait, rows in sorted(by_wait.items()):
+        await tx.postpone(rows, deps.clock() + schedule.days(wait, deps.day_seconds))
 
 
 def _subject(event: CloudEvent, data: EventData) -> str | None:
@@ -181,7 +207,7 @@ def _subject(event: CloudEvent, data: EventData) -> str | None:
 
 async def project(tx: Tx, facts: Sequence[tuple[CloudEvent, EventData]], deps: Deps) -> None:
     """Apply facts to the inventory, then re-plan and reassess the keys they changed."""
-    policy, day = deps.policy.policy, deps.day_seconds
+    day = deps.day_seconds
     keys = await tx.load_keys([k for e, d in facts if (k := _subject(e, d))])
     refused = [k for e, d in facts if isinstance(d, RequestRejected) and (k := _subject(e, d))]
     batch = Projection(keys, await tx.planned(refused) if refused else {})
@@ -192,9 +218,8 @@ async def project(tx: Tx, facts: Sequence[tuple[CloudEvent, EventData]], deps: D
             batch.applied(event, data, deps)
     changed = sorted(batch.touched.values(), key=lambda k: k.key_id)
     await tx.save_keys(changed)
-    await reconcile(tx, changed, policy, day)
-    await tx.postpone(batch.retries,
-                      deps.clock() + schedule.days(policy.defaults.redispatch_days, day))
+    await reconcile(tx, changed, deps.policy, day)
+    await _postpone_retries(tx, batch, deps)
     changes = compliance.Changes(events=batch.records)
     await assess(tx, changed, deps, changes)
     await _publish_findings(tx, deps, changes)
@@ -202,7 +227,7 @@ async def project(tx: Tx, facts: Sequence[tuple[CloudEvent, EventData]], deps: D
 
 
 # ------------------------------------------------------------------ klm.inventory.requests
-def _answer(request: CloudEvent, policy: CryptoPolicy, existing: InventoryKey | None
+def _answer(request: CloudEvent, policies: PolicySet, existing: InventoryKey | None
             ) -> CloudEvent:
     try:
         data = parse_data(request)
@@ -211,7 +236,8 @@ def _answer(request: CloudEvent, policy: CryptoPolicy, existing: InventoryKey | 
         if existing is not None and existing.origin == "klm":
             raise RequestInvalid(f"{existing.key_id} is a KLM key, not an observed one",
                                  key_id=existing.key_id)
-        return observed_fact(request, data, policy)
+        # the policy the key will follow says who may import it (an unknown name: refused)
+        return observed_fact(request, data, policies.for_key(data.policy))
     except KlmError as exc:
         return rejection(request, exc)
 
@@ -229,7 +255,7 @@ async def import_observed_key(records: Sequence[ConsumerRecord[bytes, bytes]],
         todo = [r for r in requests if r.id in fresh]
         named = [str(r.data.get("key_id")) for r in todo if r.data.get("key_id")]
         existing = await tx.read_keys(named) if named else {}
-        answers = [_answer(r, deps.policy.policy, existing.get(str(r.data.get("key_id"))))
+        answers = [_answer(r, deps.policy.policies, existing.get(str(r.data.get("key_id"))))
                    for r in todo]
         await tx.outbox(deps.topics.lifecycle, answers)
     deps.on_commit()
@@ -250,7 +276,8 @@ def _route(rows: Sequence[schedule.DueRow], keys: dict[str, InventoryKey], deps:
     for row in rows:
         rid: RowId = (row.key_id, row.kind, row.version)
         key = keys.get(row.key_id)
-        decision = schedule.decide(row, key, deps.policy.policy, moment, deps.day_seconds)
+        policy = deps.policy.of(key) if key is not None else deps.policy.policy
+        decision = schedule.decide(row, key, policy, moment, deps.day_seconds)
         if decision.drop:
             out.dropped.append(rid)
             continue
@@ -285,6 +312,8 @@ async def _dispatch_loop(deps: Deps) -> int:
 
 async def _dispatch_batch(deps: Deps) -> int:
     moment = deps.clock()
+    # rows are re-armed in the statement that claims them, before their keys are read: the
+    # default policy's redispatch period applies to every key
     policy = deps.policy.policy
     next_at = moment + schedule.days(policy.defaults.redispatch_days, deps.day_seconds)
     async with deps.inventory.unit_of_work() as tx:
@@ -313,7 +342,7 @@ async def scan_page(deps: Deps, limit: int) -> int | None:
         keys = await tx.scan_page(limit)
         if keys is None:
             return None
-        await reconcile(tx, keys, deps.policy.policy, deps.day_seconds)
+        await reconcile(tx, keys, deps.policy, deps.day_seconds)
         changes = compliance.Changes()
         await assess(tx, keys, deps, changes)
         await _publish_findings(tx, deps, changes)
@@ -325,24 +354,39 @@ async def scan_page(deps: Deps, limit: int) -> int | None:
 
 
 # ------------------------------------------------------------------ policy
-async def apply_policy(deps: Deps, policy: CryptoPolicy, path: str) -> bool:
-    """Put ``policy`` in force; record a ``klm.policy.changed`` event if it differs from the
-    one last recorded (by any instance). The scan then re-plans and reassesses everything."""
+async def apply_policies(deps: Deps, policies: PolicySet) -> list[str]:
+    """Put the set in force. One ``klm.policy.changed`` per policy that differs from the one
+    last recorded under its name (by any instance), and per recorded policy no longer loaded
+    (``removed``); the scan then re-plans and reassesses everything. Returns the names of the
+    policies that changed."""
+    events: list[CloudEvent] = []
     async with deps.inventory.unit_of_work() as tx:
-        changed, previous_sha, document = await tx.record_policy(policy)
-        if changed:
-            data = PolicyChanged(
-                name=policy.name, version=policy.version, sha256=policy.digest(),
-                previous_sha256=previous_sha, path=path, loaded_by=deps.instance,
-                changed=changed_sections(_previous(document), policy))
-            await tx.outbox(deps.topics.lifecycle, [make_event(
-                data.event_type, data, source=schedule.SOURCE)])
-    deps.policy.policy, deps.policy.path = policy, path
-    if changed:
-        log.info("policy %s v%d (%s) in force", policy.name, policy.version,
-                 policy.digest()[:12])
+        for policy in policies:
+            path = policies.origin(policy)
+            changed, previous_sha, document = await tx.record_policy(policy, path)
+            if changed:
+                events.append(_policy_event(PolicyChanged(
+                    name=policy.name, version=policy.version, sha256=policy.digest(),
+                    previous_sha256=previous_sha, path=path, loaded_by=deps.instance,
+                    changed=changed_sections(_previous(document), policy))))
+        for gone in await tx.forget_policies(policies.names):
+            events.append(_policy_event(PolicyChanged(
+                name=gone.name, version=gone.version, sha256=gone.sha256,
+                previous_sha256=gone.sha256, path=gone.path or "", loaded_by=deps.instance,
+                removed=True)))
+        await tx.outbox(deps.topics.lifecycle, events)
+    deps.policy.policies = policies
+    for event in events:
+        log.info("policy %s v%s (%s) %s", event.data["name"], event.data["version"],
+                 event.data["sha256"][:12],
+                 "no longer loaded" if event.data["removed"] else "in force")
+    if events:
         deps.on_commit()
-    return changed
+    return [e.data["name"] for e in events]
+
+
+def _policy_event(data: PolicyChanged) -> CloudEvent:
+    return make_event(data.event_type, data, source=schedule.SOURCE)
 
 
 def _previous(document: dict[str, Any] | None) -> CryptoPolicy | None:

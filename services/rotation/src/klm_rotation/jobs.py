@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from klm_common.background import Wakeup
 from klm_rotation.adapters.policy_source import PolicySource
 from klm_rotation.domain.schedule import days
-from klm_rotation.handlers import Deps, apply_policy, dispatch_due, scan_page
+from klm_rotation.handlers import Deps, apply_policies, dispatch_due, scan_page
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +61,11 @@ async def run_policy_watch(deps: Deps, source: PolicySource, poll: float) -> Non
 
     async def step() -> float:
         hangup = await hup.wait(poll)  # SIGHUP reloads even if the mtime looks the same
-        if source.path is None or not (hangup or source.changed()):
+        if not source.watched or not (hangup or source.changed()):
             return 0.0
-        policy = source.reload()
-        if policy is not None:
-            await apply_policy(deps, policy, source.name)
+        policies = source.reload()
+        if policies is not None:
+            await apply_policies(deps, policies)
         return 0.0
 
     await _guarded("policy watch", step)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -16,6 +17,16 @@ from klm_rotation.domain.inventory import InventoryFigures, InventoryKey
 from klm_rotation.domain.schedule import Due, DueRow, Kind
 
 RowId = tuple[str, Kind, int]
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedPolicy:
+    """A policy as last recorded in force."""
+
+    name: str
+    version: int
+    sha256: str
+    path: str | None
 
 
 class Tx(Protocol):
@@ -53,10 +64,14 @@ class Tx(Protocol):
         """The next page of the continuous scan (keys locked FOR SHARE), advancing the
         cursor; None if another instance is scanning."""
 
-    async def record_policy(self, policy: CryptoPolicy
+    async def record_policy(self, policy: CryptoPolicy, path: str
                             ) -> tuple[bool, str | None, dict[str, Any] | None]:
-        """Store the policy in force: (changed?, previous sha256, previous document). A change
-        restarts the scan."""
+        """Store one policy in force, by name: (changed?, previous sha256, previous
+        document). A change restarts the scan."""
+
+    async def forget_policies(self, keep: Sequence[str]) -> list[RecordedPolicy]:
+        """Drop the recorded policies not named in ``keep`` (no longer loaded); what they
+        were. A removal restarts the scan."""
 
 
 class Inventory(Protocol):

@@ -1,5 +1,5 @@
-"""Rotation's settings: the shared ``KLM_`` settings plus the policy file and the pace of
-the scheduler and the compliance scan."""
+"""Rotation's settings: the shared ``KLM_`` settings plus the policies (default file, named
+ones in a directory) and the pace of the scheduler, the compliance scan and the gauges."""
 
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ from klm_common.settings import KlmSettings
 
 
 class RotationSettings(KlmSettings):
-    #: the crypto policy (YAML/JSON); the shipped default policy when unset
+    #: the default crypto policy (YAML/JSON): keys naming no policy follow it; the shipped
+    #: default policy when unset
     policy_file: Path | None = None
+    #: named policies, one document per *.yaml/*.yml/*.json file (each with its own unique
+    #: ``name``): a key naming one follows it
+    policy_dir: Path | None = None
     #: how often the file's mtime is checked (SIGHUP reloads at once)
     policy_poll_seconds: float = 2.0
     #: the scheduler looks for due work at least this often (and at once when woken)

@@ -12,6 +12,7 @@ from klm_common.envelope import CloudEvent, make_event
 from klm_common.errors import KlmError
 from klm_common.events import GenerateKey, KeyGenerated, RequestRejected
 from klm_common.kafka import KLM_NAMESPACE
+from klm_common.policy import PolicySet
 from klm_common.states import KeyState
 from klm_keygen.adapters.hsm import object_id
 from klm_keygen.domain.material import GeneratedVersion
@@ -53,8 +54,12 @@ class NewKey:
     created_at: datetime
 
 
-def plan_generation(request: CloudEvent, data: GenerateKey) -> GenerationPlan:
-    """Validate the algorithm, size and usages; raises a coded error before any HSM call."""
+def plan_generation(request: CloudEvent, data: GenerateKey,
+                    policies: PolicySet | None = None) -> GenerationPlan:
+    """Validate the policy named (one of ``policies``), the algorithm, size and usages;
+    raises a coded error before any HSM call."""
+    if policies is not None:
+        policies.for_key(data.policy)  # PolicyUnknown: rotation could not govern the key
     if data.profile is not None:  # a certificate profile decides spec and protection
         spec, protection = profile_key(data)
         return GenerationPlan(request, data, spec, protection, key_id_for(request.id))

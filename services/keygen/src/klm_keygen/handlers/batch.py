@@ -36,7 +36,7 @@ from klm_common.errors import (
 )
 from klm_common.events import EventData, GenerateKey, parse_data
 from klm_common.kafka import DeadLetters, Inbound, split_batch
-from klm_common.policy import CryptoPolicy
+from klm_common.policy import CryptoPolicy, PolicySet
 from klm_keygen.adapters.certificate_requests import CertificateRequests
 from klm_keygen.adapters.hsm import Hsm
 from klm_keygen.adapters.keystore import KeystorePort, KeystoreUnit
@@ -68,6 +68,9 @@ class Deps:
     counters: dict[str, int] = field(default_factory=dict)
     #: what tenants may request (klm_common.authorization); None: owner checks only
     policy: CryptoPolicy | None = None
+    #: the policies a new key may name (a generate naming another is rejected with
+    #: policy_unknown); None: any name
+    policies: PolicySet | None = None
     #: CSRs of certificate-profile keys (generation and rotation); None: no CSRs
     csrs: CertificateRequests | None = None
     #: a batch is served in chunks of this many events, pipelined (HSM ∥ Postgres)
@@ -155,7 +158,8 @@ async def _handle(records: Sequence[ConsumerRecord[bytes, bytes]], deps: Deps,
             return
         tenants = {i.event.id: tenant_of_topic(i.record.topic) for i in inbound}
         size = max(1, deps.chunk_size)
-        chunks = [c for c in (_prepare(fresh[i:i + size], routes, tenants, deps.policy)
+        chunks = [c for c in (_prepare(fresh[i:i + size], routes, tenants, deps.policy,
+                                       deps.policies)
                               for i in range(0, len(fresh), size)) if c.handled]
         await _serve_pipelined(chunks, deps, routes, tenants)
     finally:
@@ -173,12 +177,12 @@ class Chunk:
 
 
 def _prepare(events: Sequence[CloudEvent], routes: Routes, tenants: Mapping[str, str | None],
-             policy: CryptoPolicy | None) -> Chunk:
+             policy: CryptoPolicy | None, policies: PolicySet | None = None) -> Chunk:
     result = BatchResult()
     plans: list[GenerationPlan] = []
     steps: list[tuple[CloudEvent, EventData]] = []
     handled = [ev for ev in events
-               if _route(ev, routes, result, plans, steps, tenants.get(ev.id), policy)]
+               if _route(ev, routes, result, plans, steps, tenants.get(ev.id), policy, policies)]
     return Chunk(handled, plans, steps, result)
 
 
@@ -229,7 +233,8 @@ async def _commit(chunk: Chunk, deps: Deps, routes: Routes,
 
 def _route(event: CloudEvent, routes: Routes, result: BatchResult,
            plans: list[GenerationPlan], steps: list[tuple[CloudEvent, EventData]],
-           tenant: str | None = None, policy: CryptoPolicy | None = None) -> bool:
+           tenant: str | None = None, policy: CryptoPolicy | None = None,
+           policies: PolicySet | None = None) -> bool:
     """File one event under generation or key steps, or reject it; False = not ours.
 
     A tenant's request (from its own topic) must name the tenant as the new key's owner and
@@ -244,7 +249,7 @@ def _route(event: CloudEvent, routes: Routes, result: BatchResult,
         authorize(tenant, event.type, data.owner if isinstance(data, GenerateKey) else None,
                   policy)
         if routes.generate and isinstance(data, GenerateKey):
-            plans.append(plan_generation(event, data))
+            plans.append(plan_generation(event, data, policies))
         elif type(data) in routes.key_handlers:
             steps.append((event, data))
         elif routes.reject_unknown:

@@ -1,6 +1,7 @@
-"""The inventory in rotation's Postgres schema (migrations 001 and 002): inbox, keys,
-due-work schedule, findings, scan cursor, policy state and outbox — one transaction per
-unit of work. Rows are touched in key order so concurrent units of work cannot deadlock."""
+"""The inventory in rotation's Postgres schema (migrations 001–005): inbox, keys, due-work
+schedule, findings, scan cursor, policy state (one row per policy) and outbox — one
+transaction per unit of work. Rows are touched in key order so concurrent units of work
+cannot deadlock."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from klm_rotation.domain.inventory import (
     algorithm_label,
 )
 from klm_rotation.domain.schedule import Due, DueRow
-from klm_rotation.ports import RowId
+from klm_rotation.ports import RecordedPolicy, RowId
 
 #: constant SQL fragments (never input): the f-strings below only splice these in
 _KEY_COLUMNS = (
@@ -217,23 +218,35 @@ class PgTx:
                                     rows[-1]["key_id"])
         return [key_from_row(r) for r in rows]
 
-    async def record_policy(self, policy: CryptoPolicy
+    async def record_policy(self, policy: CryptoPolicy, path: str
                             ) -> tuple[bool, str | None, dict[str, Any] | None]:
         digest = policy.digest()
         await self.conn.execute("SELECT pg_advisory_xact_lock($1)", POLICY_LOCK_ID)
-        row = await self.conn.fetchrow("SELECT sha256, document FROM policy_state WHERE id = 1")
+        row = await self.conn.fetchrow(
+            "SELECT sha256, document FROM policy_state WHERE name = $1", policy.name)
         previous = row["sha256"] if row else None
         document = json.loads(row["document"]) if row else None
         if previous == digest:
             return False, previous, document
         await self.conn.execute(
-            "INSERT INTO policy_state (id, name, version, sha256, document) "
-            "VALUES (1, $1, $2, $3, $4::jsonb) ON CONFLICT (id) DO UPDATE SET "
-            "name = EXCLUDED.name, version = EXCLUDED.version, sha256 = EXCLUDED.sha256, "
-            "document = EXCLUDED.document, loaded_at = now()",
-            policy.name, policy.version, digest, json.dumps(policy.model_dump(mode="json")))
+            "INSERT INTO policy_state (name, version, sha256, document, path) "
+            "VALUES ($1, $2, $3, $4::jsonb, $5) ON CONFLICT (name) DO UPDATE SET "
+            "version = EXCLUDED.version, sha256 = EXCLUDED.sha256, "
+            "document = EXCLUDED.document, path = EXCLUDED.path, loaded_at = now()",
+            policy.name, policy.version, digest, json.dumps(policy.model_dump(mode="json")),
+            path)
         await self.conn.execute("UPDATE scan_cursor SET after_key = '' WHERE id = 1")
         return True, previous, document
+
+    async def forget_policies(self, keep: Sequence[str]) -> list[RecordedPolicy]:
+        await self.conn.execute("SELECT pg_advisory_xact_lock($1)", POLICY_LOCK_ID)
+        rows = await self.conn.fetch(
+            "DELETE FROM policy_state WHERE NOT name = ANY($1::text[]) "
+            "RETURNING name, version, sha256, path", list(keep))
+        if rows:
+            await self.conn.execute("UPDATE scan_cursor SET after_key = '' WHERE id = 1")
+        return [RecordedPolicy(r["name"], r["version"], r["sha256"], r["path"])
+                for r in sorted(rows, key=lambda r: r["name"])]
 
 
 class PgInventory:

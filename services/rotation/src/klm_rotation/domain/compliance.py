@@ -1,6 +1,7 @@
-"""Compliance of one inventory key against the policy in force: :func:`evaluate` gives the
-findings it has now; :func:`compare` turns old vs new findings into
-``klm.key.policy_violation`` events (raised, or ``cleared: true`` once fixed)."""
+"""Compliance of one inventory key against the policy that governs it (the one it names, else
+the default): :func:`evaluate` gives the findings it has now; :func:`compare` turns old vs
+new findings into ``klm.key.policy_violation`` events (raised, or ``cleared: true`` once
+fixed)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 from klm_common.envelope import CloudEvent, make_event
 from klm_common.events import PolicyViolation
-from klm_common.policy import CryptoPolicy, Rule, Severity, Transition
+from klm_common.policy import CryptoPolicy, PolicySet, Rule, Severity, Transition
 from klm_rotation.domain.inventory import InventoryKey
 from klm_rotation.domain.schedule import (
     MAX_REFUSALS,
@@ -26,7 +27,7 @@ CODES = (
     "algorithm_not_approved", "key_size_below_minimum", "algorithm_not_allowed",
     "usage_not_permitted", "cryptoperiod_exceeded", "rotation_overdue",
     "transition_deadline_approaching", "algorithm_deprecated", "algorithm_disallowed",
-    "destruction_blocked", "command_refused",
+    "destruction_blocked", "command_refused", "policy_unknown",
 )
 
 
@@ -156,6 +157,25 @@ def evaluate(key: InventoryKey, policy: CryptoPolicy, now: datetime, day_seconds
              *_age(key, policy, rule, now, day_seconds), *_transition(key, policy, now),
              *_destruction(key, policy, now, day_seconds), *_refusals(key, policy, day_seconds)]
     return {f.code: f for f in found}
+
+
+def _unknown_policy(key: InventoryKey, policies: PolicySet) -> list[Finding]:
+    if policies.knows(key.policy):
+        return []
+    return [Finding("policy_unknown", "high", "policy",
+                    {"policy": key.policy, "applied": policies.default.name,
+                     "known": policies.names,
+                     "remedy": "load a policy of that name (KLM_POLICY_DIR)"})]
+
+
+def evaluate_in(key: InventoryKey, policies: PolicySet, now: datetime, day_seconds: float
+                ) -> dict[str, Finding]:
+    """:func:`evaluate` under the policy the key names; a key naming a policy that is not
+    loaded is judged by the default policy meanwhile, and has a ``policy_unknown`` finding."""
+    found = evaluate(key, policies.applied(key.policy), now, day_seconds)
+    if key.state not in TERMINAL_STATES:
+        found.update((f.code, f) for f in _unknown_policy(key, policies))
+    return found
 
 
 @dataclass
