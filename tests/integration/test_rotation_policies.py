@@ -115,3 +115,31 @@ async def test_a_generate_naming_an_unknown_policy_is_rejected(
     assert answer.type == "klm.request.rejected"
     assert answer.data["code"] == "policy_unknown"
     assert FAST in answer.data["message"]
+
+
+def finding(key_id: str, cleared: bool) -> Any:
+    return lambda e: (e.subject == key_id and e.type == "klm.key.policy_violation"
+                      and e.data["code"] == "policy_unknown" and e.data["cleared"] is cleared)
+
+
+async def test_a_removed_policy_is_recorded_and_its_keys_get_a_finding_until_it_is_back(
+        services: dict[str, ServiceProcess], settings: KlmSettings, topics: Topics,
+        lifecycle: EventLog, policy_dir: Path) -> None:
+    key = await generate(settings, topics, lifecycle, policy=FAST)
+    assert key.type == "klm.key.generated", key.data
+    path = policy_dir / "fast.yaml"
+    text = await asyncio.to_thread(path.read_text)
+    await asyncio.to_thread(path.unlink)
+    [removed] = await lifecycle.wait_for(
+        lambda e: e.type == "klm.policy.changed" and e.data["name"] == FAST
+        and e.data["removed"], timeout=15)
+    assert removed.data["path"] == str(path)
+    [raised] = await lifecycle.wait_for(finding(key.subject or "", False),
+                                        timeout=15)
+    assert raised.data["severity"] == "high"
+    assert raised.data["evidence"]["applied"] == "klm-default"
+    await asyncio.to_thread(path.write_text, text)  # back: recorded again, finding cleared
+    await lifecycle.wait_for(
+        lambda e: e.type == "klm.policy.changed" and e.data["name"] == FAST
+        and not e.data["removed"] and e.time > removed.time, timeout=15)
+    await lifecycle.wait_for(finding(key.subject or "", True), timeout=15)
