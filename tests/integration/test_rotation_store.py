@@ -72,7 +72,7 @@ def key(**fields: Any) -> InventoryKey:
 async def add_keys(deps: Deps, keys: list[InventoryKey]) -> None:
     async with deps.inventory.unit_of_work() as tx:
         await tx.save_keys(keys)
-        await reconcile(tx, keys, deps.policy.policy, DAY)
+        await reconcile(tx, keys, deps.policy, DAY)
 
 
 async def outbox(settings: KlmSettings, topic: str) -> list[Any]:
