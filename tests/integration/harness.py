@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from klm_common.envelope import CloudEvent, EnvelopeInvalid, parse_envelope
 from klm_common.kafka import kafka_security
@@ -213,6 +214,18 @@ class EventLog:
 
     def answers_to(self, request_id: str) -> list[CloudEvent]:
         return self.matching(lambda e: e.correlationid == request_id)
+
+
+async def create_topic(bootstrap: str, name: str, partitions: int = 1) -> None:
+    """One more topic (e.g. a tenant's request topic, made before the services start so
+    that their pattern subscriptions see it at once), as the stack's admin."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **stack_login())
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, num_partitions=partitions,
+                                            replication_factor=1)])
+    finally:
+        await admin.close()
 
 
 async def publish(bootstrap: str, topic: str, values: list[tuple[bytes | None, bytes]],

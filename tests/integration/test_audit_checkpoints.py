@@ -24,7 +24,6 @@ import asyncpg
 import httpx
 import pytest
 import pytest_asyncio
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from klm_audit.adapters.tokens import create_token
 from klm_audit.domain.auth import Role
@@ -33,7 +32,7 @@ from klm_common.events import AuditCheckpoint
 from klm_common.settings import KlmSettings
 from klm_common.topics import Topics
 from tests.integration.conftest import _create_namespace, _drop_database, settings_for
-from tests.integration.harness import ServiceProcess, stack_login
+from tests.integration.harness import ServiceProcess, create_topic
 from tests.integration.test_audit_ingest import generated, request, send
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -59,23 +58,13 @@ def ns_env(klm_env: dict[str, str], namespace: str, tmp_path_factory: pytest.Tem
            "KLM_TOPIC_PREFIX": f"{name}.", "KLM_HSM_TOKEN_LABEL": name,
            "KLM_HSM_PIN_FILE": str(pin)}
     asyncio.run(_create_namespace(f"{admin}/postgres", name, env))
-    asyncio.run(_create_topic(env["KLM_KAFKA_BOOTSTRAP"], f"{name}.klm.requests.acme"))
+    asyncio.run(create_topic(env["KLM_KAFKA_BOOTSTRAP"], f"{name}.klm.requests.acme"))
     try:
         yield env
     finally:
         asyncio.run(_drop_database(f"{admin}/postgres", name))
         subprocess.run(["softhsm2-util", "--delete-token", "--token", name],
                        capture_output=True, env=hsm_env, check=False)
-
-
-async def _create_topic(bootstrap: str, name: str) -> None:
-    """A tenant's request topic, before audit starts (its pattern subscription sees it)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **stack_login())
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1)])
-    finally:
-        await admin.close()
 
 
 @pytest.fixture(scope="module")

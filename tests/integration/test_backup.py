@@ -33,10 +33,11 @@ from klm_common.events import RotateKey
 from klm_common.settings import KlmSettings
 from klm_common.topics import Topics
 from tests.integration.conftest import REPO, _create_namespace, _drop_database, settings_for
-from tests.integration.harness import EventLog, ServiceProcess, publish
+from tests.integration.harness import EventLog, ServiceProcess, create_topic, publish
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 OWNER = "backup-tests"
+TENANTS = (OWNER, "intruder")  # request topics of their own: klm.requests.<tenant>
 DAY_SECONDS = "0.2"  # a 7-day destruction wait lasts 1.4 s
 
 
@@ -76,6 +77,8 @@ def ns(endpoints: dict[str, str], tmp_path_factory: pytest.TempPathFactory
            "KLM_HSM_PIN_FILE": str(pin_file)}
     init_token(env)
     asyncio.run(_create_namespace(admin_dsn, name, env))
+    for tenant in TENANTS:  # before the services start: their pattern subscriptions see them
+        asyncio.run(create_topic(env["KLM_KAFKA_BOOTSTRAP"], f"{name}.klm.requests.{tenant}"))
     yield env
     asyncio.run(_drop_database(admin_dsn, name))
     delete_token(env)
@@ -283,6 +286,23 @@ async def test_restore_of_unknown_key_is_rejected(events: EventLog, settings: Kl
     await send(settings, topics.requests, req)
     answer = await only_answer(events, req)
     assert answer.data["code"] == "backup_not_found"
+
+
+async def test_tenants_back_up_and_restore_only_their_own_keys(
+        events: EventLog, settings: KlmSettings, topics: Topics) -> None:
+    """A request's tenant is the one whose topic it came from (not a field anyone can
+    write): the owner is served, another tenant is refused with ``forbidden``."""
+    key_id = KEYS["hmac"]["key_id"]
+    for request_type in ("backup_key", "restore_key"):
+        req = request(request_type, key_id=key_id)
+        await send(settings, topics.name("klm.requests.intruder"), req)
+        answer = await only_answer(events, req)
+        assert (answer.type, answer.data["code"]) == ("klm.request.rejected", "forbidden"), \
+            answer.data
+    own = request("backup_key", key_id=key_id)
+    await send(settings, topics.name(f"klm.requests.{OWNER}"), own)
+    answer = await only_answer(events, own)
+    assert answer.type == "klm.key.backed_up" and answer.data["version"] == 1, answer.data
 
 
 # ---- drills ---------------------------------------------------------------------------------

@@ -163,3 +163,60 @@ async def test_restore_of_a_tampered_backup_is_refused_before_keygen() -> None:
     await handlers.apply_requests(unit, [restore], deps())  # type: ignore[arg-type]
     assert unit.types(TOPICS.backup_commands) == ["klm.backup.wrap_versions"]  # no restore
     assert unit.sent[-1][1].data["code"] == "integrity_check_failed"
+
+
+async def backed_up_unit() -> FakeUnit:
+    """A unit holding one backed-up key of tenant ``acme``."""
+    unit = FakeUnit()
+    await handlers.apply_lifecycle(unit, [generated()], deps())  # type: ignore[arg-type]
+    await handlers.apply_backup_topic(unit, [wrapped_reply(unit.sent[0][1])], deps())  # type: ignore[arg-type]
+    return unit
+
+
+@pytest.mark.parametrize("request_type", ["restore_key", "backup_key"])
+async def test_a_tenant_may_not_act_on_another_tenants_key(request_type: str) -> None:
+    unit = await backed_up_unit()
+    sent = len(unit.sent)
+    req = make_event(f"klm.request.{request_type}", {"key_id": KEY}, source="t", subject=KEY)
+    await handlers.apply_requests(unit, [req], deps(),  # type: ignore[arg-type]
+                                  tenants={req.id: "intruder"})
+    [(topic, answer)] = unit.sent[sent:]
+    assert topic == TOPICS.lifecycle
+    assert (answer.type, answer.data["code"]) == ("klm.request.rejected", "forbidden")
+    assert answer.correlationid == req.id
+
+
+async def test_a_tenant_gets_nothing_on_a_key_backup_does_not_know() -> None:
+    unit = FakeUnit()
+    other = "klm:key:00000000-0000-4000-8000-000000000000"
+    req = make_event("klm.request.restore_key", {"key_id": other}, source="t", subject=other)
+    await handlers.apply_requests(unit, [req], deps(),  # type: ignore[arg-type]
+                                  tenants={req.id: "acme"})
+    assert unit.sent[-1][1].data["code"] == "forbidden"  # not "backup_not_found": no probing
+
+
+async def test_the_owner_tenant_and_operators_are_served() -> None:
+    unit = await backed_up_unit()
+    own = make_event("klm.request.restore_key", {"key_id": KEY}, source="t", subject=KEY)
+    operator = make_event("klm.request.restore_key", {"key_id": KEY}, source="t", subject=KEY)
+    await handlers.apply_requests(unit, [own, operator], deps(),  # type: ignore[arg-type]
+                                  tenants={own.id: "acme", operator.id: None})
+    restores = [e for t, e in unit.sent if t == TOPICS.backup_commands
+                and e.type == "klm.backup.restore_versions"]
+    assert [e.correlationid for e in restores] == [own.id, operator.id]
+
+
+async def test_the_policy_decides_which_requests_a_tenant_may_send() -> None:
+    from klm_common.policy import Permission, load_policy
+
+    policy = load_policy()
+    policy = policy.model_copy(update={"permissions": [
+        *policy.permissions, Permission(request="restore_key", requesters=["ops-*"])]})
+    unit = await backed_up_unit()
+    req = make_event("klm.request.restore_key", {"key_id": KEY}, source="t", subject=KEY)
+    strict = handlers.Deps(store=None, topics=TOPICS, tag_key=TAG_KEY,  # type: ignore[arg-type]
+                           dead_letters=None, policy=policy)  # type: ignore[arg-type]
+    await handlers.apply_requests(unit, [req], strict,  # type: ignore[arg-type]
+                                  tenants={req.id: "acme"})
+    answer = unit.sent[-1][1]
+    assert answer.data["code"] == "forbidden" and "restore_key" in answer.data["message"]

@@ -36,6 +36,12 @@ def tenant_request_topic(topics: Topics, tenant: str) -> str:
     return topics.name(f"{REQUESTS}.{tenant}")
 
 
+def tenant_request_topics(topics: Topics) -> str:
+    """The subscription pattern of every tenant's request topic, ``<prefix>klm.requests.<t>``
+    (what keygen, backup and audit read besides the shared ``klm.requests``)."""
+    return f"^{re.escape(topics.requests)}\\.{TENANT_NAME.pattern}$"
+
+
 def tenant_of_topic(topic: str) -> str | None:
     """The tenant a request topic belongs to; None for the shared ``klm.requests`` (and for
     any topic that is not a tenant's request topic)."""

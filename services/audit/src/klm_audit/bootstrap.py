@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -20,6 +19,7 @@ from klm_audit.denials import DenialRecorder
 from klm_audit.ports import AuditStore, TokenStore
 from klm_audit.projection import Projector
 from klm_common import metrics as klm_metrics
+from klm_common.authorization import tenant_request_topics
 from klm_common.db import create_pool
 from klm_common.envelope import CloudEvent
 from klm_common.kafka import make_broker, subscriber_options
@@ -81,11 +81,6 @@ def audit_topics(settings: KlmSettings) -> list[str]:
             topics.inventory_requests, topics.backup_commands, topics.backup]
 
 
-def tenant_request_topics(settings: KlmSettings) -> str:
-    """The pattern of the tenants' own request topics, ``klm.requests.<tenant>``."""
-    return f"^{re.escape(Topics(settings.topic_prefix).requests)}\\.[a-z0-9][a-z0-9_-]*$"
-
-
 def make_metrics() -> Metrics:
     meter = setup_telemetry("audit").meter("klm.audit")
     return Metrics(
@@ -124,7 +119,7 @@ def _consumer(settings: KlmSettings, audit: Audit) -> KafkaBroker:
         await ingest(records)
 
     @broker.subscriber(  # type: ignore[untyped-decorator, unused-ignore]
-        pattern=tenant_request_topics(settings),
+        pattern=tenant_request_topics(Topics(settings.topic_prefix)),
         **subscriber_options(settings, TENANT_GROUP_ID))
     async def on_tenant_requests(records: list[ConsumerRecord[bytes, bytes]]) -> None:
         await ingest(records)

@@ -18,6 +18,7 @@ from klm_backup.handlers import (
     handle_requests,
     start_drill,
 )
+from klm_common.authorization import tenant_request_topics
 from klm_common.kafka import ensure_topics, subscriber_options
 from klm_common.service import Health, serve, service_app
 from klm_common.settings import KlmSettings
@@ -39,6 +40,12 @@ def register(backup: Backup) -> None:
 
     @broker.subscriber(topics.requests, **subscriber_options(settings, "klm-backup-requests"))
     async def on_requests(records: list[Any]) -> None:
+        await handle_requests(records, backup.deps)
+
+    # every tenant's own request topic (the tenant follows from the topic)
+    @broker.subscriber(pattern=tenant_request_topics(topics),
+                       **subscriber_options(settings, "klm-backup-tenants"))
+    async def on_tenant_requests(records: list[Any]) -> None:
         await handle_requests(records, backup.deps)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
@@ -15,6 +17,7 @@ from klm_backup.handlers import Deps
 from klm_common.db import create_pool
 from klm_common.kafka import DeadLetters, make_broker, make_producer
 from klm_common.outbox import OutboxRelay
+from klm_common.policy import load_policy
 from klm_common.settings import KlmSettings
 from klm_common.topics import Topics
 
@@ -48,7 +51,10 @@ async def bootstrap(settings: KlmSettings) -> Backup:
     producer = make_producer(settings, "klm-backup-outbox")
     pool = await create_pool(settings, "backup")
     relay = OutboxRelay(pool, producer, batch=settings.outbox_batch)
+    # the default crypto policy's `permissions`: what a tenant may request (read at start)
+    policy_file = os.environ.get("KLM_POLICY_FILE")
     deps = Deps(store=PgBackupStore(pool), topics=topics,
                 tag_key=load_tag_key(settings.secrets_dir),
-                dead_letters=DeadLetters(broker, topics, "backup"), on_commit=relay.wake)
+                dead_letters=DeadLetters(broker, topics, "backup"), on_commit=relay.wake,
+                policy=load_policy(Path(policy_file) if policy_file else None))
     return Backup(settings, BackupSettings(), topics, broker, producer, pool, relay, deps)

@@ -9,16 +9,20 @@ Three subscriptions, each batch in ONE store transaction (inbox + blobs + outbox
 * ``klm.backup`` — keygen's replies (``versions_wrapped`` → store + ``klm.key.backed_up``;
   ``blobs_checked`` → drill verdict) and operator commands (``recover_all``,
   ``start_drill``).
-* ``klm.requests`` — ``restore_key`` and ``backup_key`` only (keygen leaves them to us).
+* ``klm.requests`` and every tenant's ``klm.requests.<tenant>`` — ``restore_key`` and
+  ``backup_key`` only (keygen leaves them to us). A tenant's request is authorised as
+  keygen authorises its own (:func:`klm_common.authorization.authorize`): only for a key
+  the tenant owns, and only if the crypto policy grants it the request type.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,8 +34,9 @@ from klm_backup.adapters.store import PgBackupStore, Unit
 from klm_backup.domain.drills import judge
 from klm_backup.domain.eligibility import skip_reason
 from klm_backup.domain.integrity import StoredBackup, backup_id
+from klm_common.authorization import authorize, tenant_of_topic
 from klm_common.envelope import CloudEvent, EnvelopeInvalid, make_event, new_id, parse_envelope
-from klm_common.errors import InfrastructureError, IntegrityError, KeyNotFound, KlmError
+from klm_common.errors import Forbidden, InfrastructureError, IntegrityError, KeyNotFound, KlmError
 from klm_common.events import (
     BackupFailure,
     BackupKey,
@@ -56,6 +61,7 @@ from klm_common.events import (
     parse_data,
 )
 from klm_common.kafka import KLM_NAMESPACE, DeadLetters, Inbound, split_batch
+from klm_common.policy import CryptoPolicy
 from klm_common.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -98,6 +104,8 @@ class Deps:
     on_commit: Callable[[], None] = lambda: None
     retry_delay: float = 1.0
     metrics: Metrics = field(default_factory=Metrics)
+    #: the policy whose ``permissions`` say which tenant may request what (None: owner only)
+    policy: CryptoPolicy | None = None
 
 
 def answer(type_: str, data: Any, cause: CloudEvent, what: str,
@@ -395,23 +403,30 @@ SERVED = frozenset({RestoreKey.event_type, BackupKey.event_type})
 
 async def handle_requests(records: Sequence[ConsumerRecord[bytes, bytes]], deps: Deps) -> None:
     """Only restore_key/backup_key; everything else (and unparseable records, which keygen
-    sends to the DLQ) is keygen's business."""
-    ours = [r for r in records if _is_ours(r)]
+    sends to the DLQ) is keygen's business. The tenant of each request is the one whose
+    topic it came from (None: the shared topic, written by operators only)."""
+    ours: list[ConsumerRecord[bytes, bytes]] = []
+    tenants: dict[str, str | None] = {}
+    for record in records:
+        try:
+            event = parse_envelope(record.value)
+        except EnvelopeInvalid:
+            continue
+        if event.type in SERVED:
+            ours.append(record)
+            tenants[event.id] = tenant_of_topic(record.topic)
     if ours:
-        await _batch(ours, deps, apply_requests)
+        await _batch(ours, deps, functools.partial(apply_requests, tenants=tenants))
 
 
-def _is_ours(record: ConsumerRecord[bytes, bytes]) -> bool:
-    try:
-        return parse_envelope(record.value).type in SERVED
-    except EnvelopeInvalid:
-        return False
-
-
-async def apply_requests(unit: Unit, events: list[CloudEvent], deps: Deps) -> None:
+async def apply_requests(unit: Unit, events: list[CloudEvent], deps: Deps,
+                         tenants: Mapping[str, str | None] | None = None) -> None:
     for request in events:
         try:
             data = parse_data(request)
+            if isinstance(data, RestoreKey | BackupKey):
+                await _authorize(unit, request, data.key_id, (tenants or {}).get(request.id),
+                                 deps)
             if isinstance(data, RestoreKey):
                 await restore_key(unit, request, data, deps)
             elif isinstance(data, BackupKey):
@@ -419,6 +434,19 @@ async def apply_requests(unit: Unit, events: list[CloudEvent], deps: Deps) -> No
         except KlmError as exc:
             await unit.emit(deps.topics.lifecycle, [_rejection(
                 request, request.type, request.subject or request.data.get("key_id"), exc)])
+
+
+async def _authorize(unit: Unit, request: CloudEvent, key_id: str, tenant: str | None,
+                     deps: Deps) -> None:
+    """``forbidden`` unless the tenant owns the key and its policy grants the request; a
+    tenant gets nothing on a key whose owner backup does not know."""
+    if tenant is None:
+        return
+    key = await unit.key(key_id)
+    if key is None:
+        raise Forbidden(f"tenant {tenant!r} may act only on keys known to be its own",
+                        tenant=tenant)
+    authorize(tenant, request.type, key.owner, deps.policy)
 
 
 async def restore_key(unit: Unit, request: CloudEvent, data: RestoreKey, deps: Deps) -> None:

@@ -9,12 +9,12 @@ facts, by the pure rules of :mod:`klm_keygen.domain.lifecycle`.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import ConsumerRecord
 
+from klm_common.authorization import tenant_request_topics
 from klm_common.errors import KlmError
 from klm_common.events import (
     BackupKey,
@@ -126,9 +126,8 @@ def register(keygen: Keygen) -> None:
     async def on_requests(records: list[Any]) -> None:
         await handle_request_batch(records, keygen.deps)
 
-    tenant_topics = f"^{re.escape(keygen.topics.requests)}\\.[a-z0-9][a-z0-9_-]*$"
     tenant_options = subscriber_options(keygen.settings, TENANT_GROUP_ID)
 
-    @keygen.broker.subscriber(pattern=tenant_topics, **tenant_options)
+    @keygen.broker.subscriber(pattern=tenant_request_topics(keygen.topics), **tenant_options)
     async def on_tenant_requests(records: list[Any]) -> None:
         await handle_request_batch(records, keygen.deps)
