@@ -54,8 +54,11 @@ SERVICE_TOPICS: dict[str, list[tuple[str, str, str]]] = {
                ("READ", CRYPTO_REQUESTS, "literal"), ("READ", COMMANDS, "literal"),
                ("READ", BACKUP_COMMANDS, "literal"), ("WRITE", LIFECYCLE, "literal"),
                ("WRITE", BACKUP, "literal"), ("WRITE", CRYPTO_REPLIES, "prefixed")],
+    # rotation asks for rotations as an operator would: klm.request.rotate_key on the shared
+    # klm.requests (a tenant's topic stays its own); deactivate/destroy go to klm.commands
     "rotation": [("READ", LIFECYCLE, "literal"), ("READ", INVENTORY_REQUESTS, "literal"),
-                 ("WRITE", COMMANDS, "literal"), ("WRITE", LIFECYCLE, "literal")],
+                 ("WRITE", REQUESTS, "literal"), ("WRITE", COMMANDS, "literal"),
+                 ("WRITE", LIFECYCLE, "literal")],
     "backup": [("READ", LIFECYCLE, "literal"), ("READ", REQUESTS, "literal"),
                ("READ", REQUESTS + ".", "prefixed"), ("READ", BACKUP, "literal"),
                ("WRITE", BACKUP_COMMANDS, "literal"), ("WRITE", BACKUP, "literal"),

@@ -90,7 +90,11 @@ class ServiceProcess:
         self.proc = subprocess.Popen([str(self.repo / ".venv" / "bin" / f"klm-{self.name}")],
                                      env=self.env, stdout=log, stderr=subprocess.STDOUT)
         if wait:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.kill()  # a service that never got ready must not outlive its test
+                raise
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout

@@ -78,7 +78,9 @@ def chaos_ns(chaos_stack: StackInstance, tmp_path_factory: pytest.TempPathFactor
         f"chaos{uuid.uuid4().hex[:8]}", admin_dsn=env["KLM_PG_ADMIN_DSN"],
         kafka_bootstrap=chaos_stack.bootstrap, klm_home=str(chaos_stack.home),
         hsm_module=env["KLM_HSM_MODULE"], softhsm_conf=env["SOFTHSM2_CONF"],
-        token_dir=tmp_path_factory.mktemp("chaos-token")))
+        token_dir=tmp_path_factory.mktemp("chaos-token"),
+        # its broker's mode, whatever the shared stack's (the environment may say sasl)
+        kafka_env={"KLM_KAFKA_SECURITY": chaos_stack.security}))
     yield ns
     with contextlib.suppress(OSError):
         asyncio.run(drop_namespace(ns))

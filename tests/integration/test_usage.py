@@ -26,6 +26,7 @@ from klm_common.events import (
     ScheduleDestruction,
     SuspendKey,
 )
+from klm_common.kafka import ensure_topics
 from klm_common.settings import KlmSettings
 from klm_common.topics import Topics
 from tests.integration.conftest import REPO, settings_for
@@ -45,7 +46,9 @@ DAY_SECONDS = "0.2"
 def settings(klm_env: dict[str, str]) -> KlmSettings:
     prefix = klm_env["KLM_TOPIC_PREFIX"] + "usage."
     allow_prefix(prefix)  # the secured stack's ACLs for our topics
-    return settings_for({**klm_env, "KLM_TOPIC_PREFIX": prefix})
+    settings = settings_for({**klm_env, "KLM_TOPIC_PREFIX": prefix})
+    asyncio.run(ensure_topics(settings))  # as admin: services may not create topics
+    return settings
 
 
 @pytest.fixture(scope="module")
