@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 
 from klm_audit import handlers
-from klm_audit.adapters.postgres_store import PostgresAuditStore
+from klm_audit.adapters.postgres_store import PgChainSource, PostgresAuditStore
 from klm_audit.domain.entries import Origin
 from klm_audit.domain.hash_chain import canonical_json
 from klm_audit.domain.ingest import Accepted
@@ -222,3 +222,35 @@ async def test_dropping_the_projection_and_replaying_gives_the_same_answers(db: 
     assert await db.store.rebuild_projections() == 30
     assert await db.store.keys(KeyFilter(limit=1000), Scope()) == before
     assert any(v.state == "suspended" for v in before)
+
+
+# ------------------------------------------------------------------ parallel verification
+@pytest.mark.parametrize(("sql", "named"), [
+    (None, None),
+    ("UPDATE audit.audit_log SET canonical = replace(canonical, '\"name\":\"k6\"', "
+     "'\"name\":\"evil\"') WHERE sequence = 7", 7),
+    ("UPDATE audit.audit_log SET canonical = replace(canonical, 'k6', 'k9'), "
+     "hash = sha256(prev_hash || int8send(sequence) || "
+     "convert_to(replace(canonical, 'k6', 'k9'), 'UTF8')) WHERE sequence = 7", 8),
+    ("DELETE FROM audit.audit_log WHERE sequence BETWEEN 9 AND 14", 9),
+])
+async def test_ranges_read_and_hashed_by_worker_processes_give_the_same_answer(
+        db: Db, sql: str | None, named: int | None) -> None:
+    """Each worker reads its ranges over its own connection (PgChainSource); joined, they
+    name what a single pass from genesis names."""
+    await filled(db)
+    if sql is not None:
+        await db.as_superuser(sql)
+    single = await verify_store(db.store, columns=False, workers=0)
+    pool = await create_pool(db.settings, "audit")
+    try:
+        parallel = PostgresAuditStore(pool, PgChainSource(db.settings.service_dsn("audit")))
+        for chunk, workers in ((3, 2), (7, 3)):
+            result = await verify_store(parallel, chunk, columns=False, workers=workers)
+            assert (result.ok, result.first_broken_sequence, result.checked,
+                    result.head_sequence, result.head_hash) == \
+                (single.ok, single.first_broken_sequence, single.checked,
+                 single.head_sequence, single.head_hash)
+    finally:
+        await pool.close()
+    assert single.first_broken_sequence == named

@@ -18,8 +18,9 @@ from klm_audit.domain.hash_chain import (
     NotCanonicalisable,
     canonical_json,
     canonicalise_received,
+    copy_rows,
     link_hash,
-    pack_rows,
+    verify_segment,
 )
 
 
@@ -82,14 +83,39 @@ def chain(n: int) -> list[Link]:
     return links
 
 
-def verify(links: list[Link]) -> ChainVerifier:
-    """Through both entry points: links, and the packed layout the Postgres store sends."""
-    verifier, packed = ChainVerifier(), ChainVerifier()
-    verifier.feed(links)
-    packed.feed_packed(pack_rows((k.sequence, k.prev_hash, k.hash, k.canonical) for k in links))
-    assert (packed.broken, packed.head_sequence, packed.head_hash, packed.checked) == \
-        (verifier.broken, verifier.head_sequence, verifier.head_hash, verifier.checked)
+def rows(links: list[Link]) -> list[tuple[int, bytes, bytes, bytes]]:
+    return [(k.sequence, k.prev_hash, k.hash, k.canonical) for k in links]
+
+
+def joined(links: list[Link], size: int) -> ChainVerifier:
+    """Ranges of ``size`` sequences verified on their own (as the worker processes do),
+    then joined in order."""
+    verifier, upto = ChainVerifier(), max((k.sequence for k in links), default=0)
+    for after in range(0, upto, size):
+        part = [k for k in links if after < k.sequence <= after + size]
+        if not verifier.join(verify_segment(after, copy_rows(rows(part)))):
+            break
     return verifier
+
+
+def verify(links: list[Link]) -> ChainVerifier:
+    """Through every entry point: links, the binary COPY the Postgres store sends, and that
+    COPY split into ranges verified apart and joined; all must give the same answer."""
+    verifier, copied = ChainVerifier(), ChainVerifier()
+    verifier.feed(links)
+    copied.feed_copy(copy_rows(rows(links)))
+    for result in (copied, *(joined(links, size) for size in (1, 2, 3, 4, 7))):
+        assert (result.head_sequence, result.head_hash, result.checked) == \
+            (verifier.head_sequence, verifier.head_hash, verifier.checked)
+        assert _named(result) == _named(verifier)
+    return verifier
+
+
+def _named(verifier: ChainVerifier) -> tuple[int, str] | None:
+    """The sequence and reason of a break; a range holding no row at all cannot tell the
+    next stored sequence, so the parenthesised detail may differ."""
+    broken = verifier.broken
+    return (broken.sequence, broken.reason.split(" (")[0]) if broken else None
 
 
 def test_an_intact_chain_verifies() -> None:
@@ -134,3 +160,38 @@ def test_feeding_in_chunks_equals_feeding_at_once() -> None:
     for start in range(0, 25, 7):
         assert verifier.feed(links[start:start + 7])
     assert verifier.head_hash == links[-1].hash
+
+
+def test_a_range_starting_with_a_foreign_prev_hash_breaks_at_its_first_sequence() -> None:
+    links = chain(10)
+    forged = Link(5, bytes(range(32)), link_hash(bytes(range(32)), 5, links[4].canonical),
+                  links[4].canonical)
+    later = [forged] + [Link(k.sequence, k.prev_hash, k.hash, k.canonical) for k in links[5:]]
+    # from 6 on the stored links hold among themselves; 5 names a predecessor that is not 4
+    for size in (2, 4, 5):
+        broken = joined(links[:4] + later, size).broken
+        assert broken is not None and broken.sequence == 5 and "prev_hash" in broken.reason
+
+
+def test_an_empty_range_is_a_gap_named_with_the_next_stored_sequence() -> None:
+    links = [k for k in chain(12) if not 4 <= k.sequence <= 8]
+    broken = joined(links, 4).broken
+    assert broken is not None and broken.sequence == 4 and "missing" in broken.reason
+
+
+def test_watched_hashes_are_kept_across_ranges() -> None:
+    links = chain(20)
+    verifier = ChainVerifier(watch=frozenset({3, 11, 20}))
+    for after in range(0, 20, 6):
+        part = rows([k for k in links if after < k.sequence <= after + 6])
+        verifier.join(verify_segment(after, copy_rows(part),
+                                     frozenset(s for s in verifier.watch
+                                               if after < s <= after + 6)))
+    assert verifier.hashes_at == {s: links[s - 1].hash for s in (3, 11, 20)}
+
+
+def test_a_hash_field_of_the_wrong_length_does_not_hold() -> None:
+    links = chain(5)
+    links[4] = Link(5, links[4].prev_hash, links[4].hash + b"\x00", links[4].canonical)
+    broken = verify(links).broken
+    assert broken is not None and broken.sequence == 5

@@ -12,7 +12,7 @@ from faststream.kafka import KafkaBroker
 from opentelemetry.metrics import Counter
 
 from klm_audit import handlers
-from klm_audit.adapters.postgres_store import PostgresAuditStore
+from klm_audit.adapters.postgres_store import PgChainSource, PostgresAuditStore
 from klm_audit.adapters.tokens import PostgresTokenStore
 from klm_audit.checkpointing import Checkpointer
 from klm_audit.denials import DenialRecorder
@@ -93,7 +93,8 @@ def make_metrics() -> Metrics:
 
 async def bootstrap(settings: KlmSettings) -> Audit:
     pool = await create_pool(settings, "audit")
-    store = PostgresAuditStore(pool)
+    # verification's worker processes read the chain over connections of their own
+    store = PostgresAuditStore(pool, PgChainSource(settings.service_dsn("audit")))
     audit = Audit(settings=settings, store=store, tokens=PostgresTokenStore(pool),
                   denials=DenialRecorder(store), metrics=make_metrics(), pool=pool,
                   projector=Projector(store))

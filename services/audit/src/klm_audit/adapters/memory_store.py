@@ -6,13 +6,14 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from klm_audit.domain.auth import StoredToken
 from klm_audit.domain.checkpoints import Checkpoint
 from klm_audit.domain.entries import StoredEntry
-from klm_audit.domain.hash_chain import GENESIS, Link, pack_rows
-from klm_audit.domain.ingest import AppendPlan, ChainHead
+from klm_audit.domain.hash_chain import GENESIS, ChainRow, Link, copy_rows
+from klm_audit.domain.ingest import EVENT_ID, SEQUENCE, AppendPlan, ChainHead
 from klm_audit.domain.inventory import Fact, KeyView, fold
 from klm_audit.domain.queries import EventFilter, KeyFilter, Scope
 from klm_audit.ports import AppendConflict
@@ -44,17 +45,25 @@ class MemoryAppendTx:
     async def write(self, plan: AppendPlan) -> None:
         now = datetime.now(UTC)
         next_sequence = len(self._store.rows) + 1
-        if plan.sealed and (plan.sealed[0].sequence != next_sequence
-                            or any(s.entry.event_id in self._store.by_id for s in plan.sealed)):
+        if plan.rows and (plan.rows[0][SEQUENCE] != next_sequence
+                          or any(r[EVENT_ID] in self._store.by_id for r in plan.rows)):
             raise AppendConflict("sequence or event id already stored")
-        for s in plan.sealed:
-            e = s.entry
-            row = StoredEntry(s.sequence, e.event_id, e.type, e.subject, e.key_version, e.source,
-                              e.tenant, e.correlation_id, e.occurred_at, now, e.canonical,
-                              s.prev_hash, s.hash)
+        for (sequence, event_id, type_, subject, version, source, tenant, correlation_id,
+             occurred_at, _topic, _partition, _offset, canonical, prev_hash, digest) in plan.rows:
+            row = StoredEntry(sequence, event_id, type_, subject, version, source, tenant,
+                              correlation_id, occurred_at, now, canonical.encode("utf-8"),
+                              prev_hash, digest)
             self._store.rows.append(row)
             self._store.by_id[row.event_id] = row
         self._store.checkpoint_rows.extend(plan.checkpoints)
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryChainSource:
+    rows: tuple[ChainRow, ...]
+
+    def read(self, after: int, upto: int) -> bytes:
+        return copy_rows(r for r in self.rows if after < r[0] <= upto)
 
 
 class MemoryAuditStore:
@@ -121,8 +130,13 @@ class MemoryAuditStore:
         rows = [r for r in self.rows if after < r.sequence <= upto][:limit]
         return [Link(r.sequence, r.prev_hash, r.hash, r.canonical) for r in rows]
 
-    async def chain_packed(self, after: int, upto: int) -> bytes:
-        return pack_rows((r.sequence, r.prev_hash, r.hash, r.canonical) for r in self.rows
+    def chain_source(self) -> MemoryChainSource:
+        """A snapshot of the rows, sent to the worker processes with each range."""
+        return MemoryChainSource(tuple((r.sequence, r.prev_hash, r.hash, r.canonical)
+                                       for r in self.rows))
+
+    async def chain_copy(self, after: int, upto: int) -> bytes:
+        return copy_rows((r.sequence, r.prev_hash, r.hash, r.canonical) for r in self.rows
                          if after < r.sequence <= upto)
 
     async def first_inconsistent_row(self, upto: int) -> int | None:

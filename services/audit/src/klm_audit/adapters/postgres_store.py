@@ -3,9 +3,11 @@
 Appends are serialised by a transaction-level advisory lock (the audit role cannot take
 table locks stronger than ROW EXCLUSIVE, and needs none): the chain head is read, the batch
 sealed after it, rows (and any checkpoints) COPied in — one transaction, so sequences are
-gap-free and a crash leaves either the whole batch or nothing. The key inventory follows
-the log in its own transactions (:meth:`PostgresAuditStore.project`), from its tracking
-position, under its own lock.
+gap-free and a crash leaves either the whole batch or nothing. The optimistic path (the
+head this process wrote last) takes no lock: its batch is one COPY statement, atomic on
+its own, and the unique sequence and event_id refuse it if another writer got there first.
+The key inventory follows the log in its own transactions
+(:meth:`PostgresAuditStore.project`), from its tracking position, under its own lock.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -72,12 +75,11 @@ SELECT a.sequence, a.event_id, a.type, a.subject, a.key_version, a.source, a.ten
    AND ($7::text IS NULL OR k.tenant = $7)
  ORDER BY k.sequence LIMIT $8"""  # noqa: S608 - composed of constants
 
-# the layout of ChainVerifier.feed_packed, in sequence order
-_PACKED = """
-SELECT string_agg(int4send(octet_length(c)) || prev_hash || int8send(sequence) || c || hash,
-                  ''::bytea ORDER BY sequence)
-  FROM (SELECT sequence, prev_hash, hash, textsend(canonical) AS c
-          FROM audit_log WHERE sequence > $1 AND sequence <= $2) r"""
+# the rows ChainVerifier.feed_copy reads (binary COPY), in sequence order: the hash input
+# of each row is one field, so the client hashes one slice of what it received
+_CHAIN_COPY = """
+SELECT prev_hash || int8send(sequence) || textsend(canonical), hash
+  FROM audit_log WHERE sequence > $1 AND sequence <= $2 ORDER BY sequence"""
 
 # the tenant last recorded for each key: projected rows, plus the tail not projected yet
 _OWNERS = """
@@ -93,7 +95,8 @@ ORDER BY subject, sequence DESC"""
 
 
 class PostgresAppendTx:
-    """The reads and the write of one append, inside the caller's transaction."""
+    """The reads and the write of one append: inside the append transaction (checked path)
+    or each its own statement (optimistic path: the write is the commit point)."""
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn
@@ -128,14 +131,19 @@ class PostgresAppendTx:
         return {r["event_id"]: r["tenant"] for r in rows}
 
     async def write(self, plan: AppendPlan) -> None:
-        records = [(
-            s.sequence, e.event_id, e.type, e.subject, e.key_version, e.source, e.tenant,
-            e.correlation_id, e.occurred_at, e.origin.topic, e.origin.partition,
-            e.origin.offset, e.canonical.decode("utf-8"), s.prev_hash, s.hash)
-            for s in plan.sealed for e in (s.entry,)]
+        """COPY the sealed rows (and any checkpoints). Outside a transaction (the optimistic
+        path) a batch without checkpoints is one COPY statement: atomic and durable when it
+        returns, without BEGIN and COMMIT round trips; two tables take a transaction."""
         self.written = plan.head
-        if records:
-            await self._conn.copy_records_to_table("audit_log", records=records,
+        if plan.checkpoints and not self._conn.is_in_transaction():
+            async with self._conn.transaction():
+                await self._copy(plan)
+        else:
+            await self._copy(plan)
+
+    async def _copy(self, plan: AppendPlan) -> None:
+        if plan.rows:
+            await self._conn.copy_records_to_table("audit_log", records=plan.rows,
                                                    columns=_COLUMNS)
         if plan.checkpoints:
             await self._conn.copy_records_to_table(
@@ -166,9 +174,52 @@ def _entry(row: asyncpg.Record) -> StoredEntry:
         hash=bytes(row["hash"]))
 
 
+@dataclass(frozen=True, slots=True)
+class PgChainSource:
+    """Chain ranges over a connection of the worker process's own (``read`` blocks: a worker
+    runs one range at a time). Picklable: the DSN travels to the forked worker, never to a
+    log (``repr`` leaves it out)."""
+
+    dsn: str = field(repr=False)
+    schema: str = "audit"
+
+    def read(self, after: int, upto: int) -> bytes:
+        loop, conn = _worker_connection(self)
+        return loop.run_until_complete(_copy_chain(conn, after, upto))
+
+
+#: per worker process: its event loop and connection, per source
+_WORKER_CONNECTIONS: dict[PgChainSource, tuple[asyncio.AbstractEventLoop,
+                                               asyncpg.Connection]] = {}
+
+
+def _worker_connection(source: PgChainSource
+                       ) -> tuple[asyncio.AbstractEventLoop, asyncpg.Connection]:
+    if source not in _WORKER_CONNECTIONS:
+        loop = asyncio.new_event_loop()
+        conn = loop.run_until_complete(asyncpg.connect(
+            source.dsn, server_settings={"search_path": source.schema,
+                                         "application_name": "klm-audit-verify"}))
+        _WORKER_CONNECTIONS[source] = loop, conn
+    return _WORKER_CONNECTIONS[source]
+
+
+async def _copy_chain(conn: asyncpg.Connection, after: int, upto: int) -> bytes:
+    chunks: list[bytes] = []
+
+    async def received(chunk: bytes) -> None:
+        chunks.append(chunk)
+
+    await conn.copy_from_query(_CHAIN_COPY, after, upto, output=received, format="binary")
+    return b"".join(chunks)
+
+
 class PostgresAuditStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, chain_source: PgChainSource | None = None) -> None:
+        """``chain_source`` lets verification read ranges in worker processes (each with
+        its own connection); without it the ranges come through ``pool``."""
         self._pool = pool
+        self._chain_source = chain_source
         self._head: ChainHead | None = None
         #: appends of this process one at a time (consumers and the denial recorder), so
         #: the known head stays valid; other processes are arbitrated by the database
@@ -189,11 +240,14 @@ class PostgresAuditStore:
     async def _transaction(self, *, locked: bool) -> AsyncIterator[PostgresAppendTx]:
         self._head = None  # unknown until this append commits
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                if locked:
-                    await conn.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK)
+            async with self._pool.acquire() as conn:
                 tx = PostgresAppendTx(conn)
-                yield tx
+                if locked:
+                    async with conn.transaction():
+                        await conn.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK)
+                        yield tx
+                else:  # unique sequence and event_id arbitrate the one COPY of the batch
+                    yield tx
         except asyncpg.UniqueViolationError as exc:
             raise AppendConflict(str(exc)) from exc
         if tx.written is not None:
@@ -257,12 +311,14 @@ class PostgresAuditStore:
         return [Link(r["sequence"], bytes(r["prev_hash"]), bytes(r["hash"]),
                      r["canonical"].encode("utf-8")) for r in rows]
 
-    async def chain_packed(self, after: int, upto: int) -> bytes:
-        """The rows after < sequence <= upto packed for :meth:`ChainVerifier.feed_packed`,
-        built by the server in one value: the client gets one buffer, not 4 objects a row,
-        and the server builds the next range while the client hashes this one."""
-        packed = await self._pool.fetchval(_PACKED, after, upto)
-        return bytes(packed) if packed is not None else b""
+    async def chain_copy(self, after: int, upto: int) -> bytes:
+        """The rows after < sequence <= upto as one binary ``COPY`` stream for
+        :meth:`ChainVerifier.feed_copy`: no per-row driver objects."""
+        async with self._pool.acquire() as conn:
+            return await _copy_chain(conn, after, upto)
+
+    def chain_source(self) -> PgChainSource | None:
+        return self._chain_source
 
     async def first_inconsistent_row(self, upto: int) -> int | None:
         """First sequence whose indexed columns disagree with its hashed canonical JSON."""

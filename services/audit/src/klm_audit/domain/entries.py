@@ -23,26 +23,6 @@ class Origin:
     offset: int | None = None
 
 
-@dataclass(slots=True)  # not frozen: built once per ingested event, on the hot path
-class PendingEntry:
-    """An event accepted for the log, before it gets its sequence and hash."""
-
-    event_id: str
-    type: str
-    subject: str | None
-    key_version: int | None
-    source: str
-    tenant: str | None
-    correlation_id: str | None
-    occurred_at: datetime
-    canonical: bytes
-    origin: Origin
-
-    @property
-    def key_id(self) -> str | None:
-        return self.subject
-
-
 @dataclass(frozen=True, slots=True)
 class StoredEntry:
     """One row of the audit log."""
@@ -78,12 +58,3 @@ def version_of(data: dict[str, Any]) -> int | None:
 def owner_of(data: dict[str, Any]) -> str | None:
     owner = data.get("owner")
     return owner if isinstance(owner, str) and owner else None
-
-
-def pending_entry(event: CloudEvent, canonical: bytes, origin: Origin,
-                  tenant: str | None, key_id: str | None = None) -> PendingEntry:
-    return PendingEntry(
-        event_id=event.id, type=event.type, subject=key_id or key_id_of(event),
-        key_version=version_of(event.data), source=event.source, tenant=tenant,
-        correlation_id=event.correlationid, occurred_at=event.time, canonical=canonical,
-        origin=origin)

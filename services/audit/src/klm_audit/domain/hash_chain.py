@@ -30,7 +30,17 @@ from typing import Any
 
 GENESIS = bytes(32)
 _U64 = struct.Struct(">Q")
-_U32 = struct.Struct(">I")
+_I32 = struct.Struct(">i")
+#: a binary COPY row starts with int16 field count, then int32 length of the first field
+_ROW_HEAD = struct.Struct(">hi")
+_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
+_COPY_TRAILER = b"\xff\xff"
+#: the length word of a 32-byte hash field
+_HASH_FIELD = struct.pack(">i", 32)
+#: prev_hash and uint64 sequence in front of the canonical bytes
+_PREFIX = 40
+_PREV_HASH_REASON = ("prev_hash does not equal the hash of sequence {}: a row was rewritten, "
+                     "removed or reordered")
 _MAX_EXACT_INT = 2**53
 
 
@@ -137,36 +147,62 @@ class ChainVerifier:
         """Check ``links``; return False once the chain is broken."""
         return self.feed_rows((k.sequence, k.prev_hash, k.hash, k.canonical) for k in links)
 
-    def feed_packed(self, packed: bytes) -> bool:
-        """Check rows packed back to back as ``uint32_be(len(canonical)) || prev_hash ||
-        uint64_be(sequence) || canonical || hash`` (:func:`pack_rows`; the Postgres store
-        builds this server-side): the hash input is one zero-copy slice, so a row costs one
-        SHA-256 and a few slices — no per-row objects from the driver."""
+    def feed_copy(self, copied: bytes) -> bool:
+        """Check the rows of a binary ``COPY`` of ``(prev_hash || uint64_be(sequence) ||
+        canonical, hash)`` (:func:`copy_rows`; what the Postgres store streams): each row's
+        hash input is one zero-copy slice, so a row costs one SHA-256, two prefix tests and
+        no per-row objects from the driver. False once the chain is broken."""
         if self.broken is not None:
             return False
-        view, sha256, length_at = memoryview(packed), hashlib.sha256, _U32.unpack_from
-        expected, prev, checked, watch = self.head_sequence + 1, self.head_hash, self.checked, \
-            self.watch
-        offset, end = 0, len(packed)
+        offset, end = copy_span(copied)
+        view, sha256, size_at, pack = memoryview(copied), hashlib.sha256, _I32.unpack_from, \
+            _U64.pack
+        starts_with, watch, hashes_at = copied.startswith, self.watch, self.hashes_at
+        expected, prev = self.head_sequence + 1, self.head_hash
         try:
             while offset < end:
-                (size,) = length_at(packed, offset)
-                body_end = offset + 44 + size
-                digest = packed[body_end:body_end + 32]
-                sequence = int.from_bytes(packed[offset + 36:offset + 44], "big")
-                if (sequence != expected or packed[offset + 4:offset + 36] != prev
-                        or sha256(view[offset + 4:body_end]).digest() != digest):
-                    self.head_sequence, self.head_hash, self.checked = expected - 1, prev, checked
-                    return self.feed_rows([(sequence, packed[offset + 4:offset + 36], digest,
-                                            packed[offset + 44:body_end])])
-                if sequence in watch:
-                    self.hashes_at[sequence] = digest
-                expected, prev, checked, offset = expected + 1, digest, checked + 1, \
-                    body_end + 32
+                (size,) = size_at(copied, offset + 2)
+                body, stop = offset + 6, offset + 6 + size
+                digest = sha256(view[body:stop]).digest()
+                # stored prev_hash || sequence as expected, then a 32-byte hash field holding
+                # exactly the recomputed digest
+                if not (size >= _PREFIX and starts_with(prev + pack(expected), body)
+                        and starts_with(_HASH_FIELD + digest, stop)):
+                    self.checked += expected - 1 - self.head_sequence
+                    self.head_sequence, self.head_hash = expected - 1, prev
+                    self.feed_rows([_copied_row(copied, offset)])  # names the reason
+                    if self.broken is None:
+                        self.broken = ChainBreak(expected, "row is not a well-formed link")
+                    return False
+                if expected in watch:
+                    hashes_at[expected] = digest
+                expected, prev, offset = expected + 1, digest, stop + 36
         finally:
             if self.broken is None:
-                self.head_sequence, self.head_hash, self.checked = expected - 1, prev, checked
+                self.checked += expected - 1 - self.head_sequence
+                self.head_sequence, self.head_hash = expected - 1, prev
         return True
+
+    def join(self, segment: ChainSegment) -> bool:
+        """Put a range verified on its own (:func:`verify_segment`) after what was checked so
+        far: it must start at the next sequence, with the hash this verifier ends on as its
+        stored ``prev_hash``. Gives the answer feeding the range's rows would give."""
+        if self.broken is not None:
+            return False
+        expected = self.head_sequence + 1
+        if segment.first_sequence != expected:
+            following = segment.first_sequence
+            self.broken = ChainBreak(expected, f"sequence {expected} is missing" + (
+                f" (next stored is {following})" if following is not None else ""))
+            return False
+        if segment.first_prev != self.head_hash:
+            self.broken = ChainBreak(expected, _PREV_HASH_REASON.format(self.head_sequence))
+            return False
+        self.checked += segment.checked
+        self.hashes_at.update(segment.hashes_at)
+        self.head_sequence, self.head_hash = segment.head_sequence, segment.head_hash
+        self.broken = segment.broken
+        return self.broken is None
 
     def feed_rows(self, rows: Iterable[ChainRow]) -> bool:
         """Check ``(sequence, prev_hash, hash, canonical)`` rows; False once broken.
@@ -207,15 +243,75 @@ class ChainVerifier:
                     else f"sequence {link.sequence} appears out of order after "
                          f"{self.head_sequence}")
         if link.prev_hash != self.head_hash:
-            return (f"prev_hash does not equal the hash of sequence {self.head_sequence}: "
-                    "a row was rewritten, removed or reordered")
+            return _PREV_HASH_REASON.format(self.head_sequence)
         if link_hash(link.prev_hash, link.sequence, link.canonical) != link.hash:
             return "hash does not match the event content: the row was modified"
         return None
 
 
-def pack_rows(rows: Iterable[ChainRow]) -> bytes:
-    """The layout :meth:`ChainVerifier.feed_packed` reads (what the Postgres store's
-    ``chain_packed`` query builds with ``int4send``/``int8send``)."""
-    return b"".join(_U32.pack(len(canonical)) + prev + _U64.pack(sequence) + canonical + digest
-                    for sequence, prev, digest, canonical in rows)
+@dataclass(frozen=True, slots=True)
+class ChainSegment:
+    """What one range ``after < sequence <= upto`` of the chain says on its own, verified from
+    its first row's stored ``prev_hash``; :meth:`ChainVerifier.join` puts ranges end to end.
+
+    Ranges are independent (each link names its predecessor's hash), so they can be hashed
+    in parallel; joining checks each range starts where the previous one ends."""
+
+    after: int
+    #: the first stored row's sequence and prev_hash (None: no row in the range)
+    first_sequence: int | None
+    first_prev: bytes | None
+    checked: int
+    head_sequence: int
+    head_hash: bytes
+    broken: ChainBreak | None
+    hashes_at: dict[int, bytes]
+
+
+def verify_segment(after: int, copied: bytes, watch: frozenset[int] = frozenset()
+                   ) -> ChainSegment:
+    """Verify the rows of one range (binary ``COPY`` layout, :func:`copy_rows`) after
+    sequence ``after``; a module-level function so a worker process can run it."""
+    offset, end = copy_span(copied)
+    if offset >= end:
+        return ChainSegment(after, None, None, 0, after, GENESIS, None, {})
+    first_sequence, first_prev, _, _ = _copied_row(copied, offset)
+    if first_sequence != after + 1:  # the join names the gap
+        return ChainSegment(after, first_sequence, first_prev, 0, after, first_prev, None, {})
+    verifier = ChainVerifier(head_sequence=after, head_hash=first_prev, watch=watch)
+    verifier.feed_copy(copied)
+    return ChainSegment(after, first_sequence, first_prev, verifier.checked,
+                        verifier.head_sequence, verifier.head_hash, verifier.broken,
+                        verifier.hashes_at)
+
+
+def copy_span(copied: bytes) -> tuple[int, int]:
+    """Offsets of the first row and of the trailer of a PostgreSQL binary ``COPY`` stream
+    (signature, flags, header extension; rows; int16 -1)."""
+    if not copied.startswith(_COPY_SIGNATURE) or not copied.endswith(_COPY_TRAILER):
+        raise ValueError("not a complete binary COPY stream")
+    (extension,) = _I32.unpack_from(copied, len(_COPY_SIGNATURE) + 4)
+    return len(_COPY_SIGNATURE) + 8 + extension, len(copied) - len(_COPY_TRAILER)
+
+
+def _copied_row(copied: bytes, offset: int) -> ChainRow:
+    """``(sequence, prev_hash, hash, canonical)`` of the row at ``offset`` (slow path)."""
+    (size,) = _I32.unpack_from(copied, offset + 2)
+    body, stop = offset + 6, offset + 6 + max(size, 0)
+    if size < _PREFIX:  # not a link at all: it cannot hold
+        return 0, b"", b"", b""
+    (hash_size,) = _I32.unpack_from(copied, stop)
+    return (int.from_bytes(copied[body + 32:body + _PREFIX], "big"), copied[body:body + 32],
+            copied[stop + 4:stop + 4 + max(hash_size, 0)], copied[body + _PREFIX:stop])
+
+
+def copy_rows(rows: Iterable[ChainRow]) -> bytes:
+    """The binary ``COPY`` stream :meth:`ChainVerifier.feed_copy` reads: per row two fields,
+    ``prev_hash || uint64_be(sequence) || canonical`` and ``hash`` (what the Postgres store's
+    ``COPY (SELECT prev_hash || int8send(sequence) || textsend(canonical), hash …)`` sends)."""
+    out = [_COPY_SIGNATURE, bytes(8)]
+    for sequence, prev, digest, canonical in rows:
+        body = prev + _U64.pack(sequence) + canonical
+        out.append(_ROW_HEAD.pack(2, len(body)) + body + _I32.pack(len(digest)) + digest)
+    out.append(_COPY_TRAILER)
+    return b"".join(out)

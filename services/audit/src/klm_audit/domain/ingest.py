@@ -12,9 +12,10 @@ import hashlib
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from klm_audit.domain.checkpoints import Checkpoint, checkpoint_of
-from klm_audit.domain.entries import Origin, PendingEntry, key_id_of, owner_of, pending_entry
+from klm_audit.domain.entries import Origin, key_id_of, owner_of, version_of
 from klm_common.envelope import CloudEvent
 from klm_common.events import AuditCheckpoint
 
@@ -32,14 +33,13 @@ class Accepted:
     origin: Origin
 
 
-@dataclass(slots=True)  # not frozen: one per ingested event, on the hot path
-class Sealed:
-    """A pending entry with its place in the chain."""
-
-    entry: PendingEntry
-    sequence: int
-    prev_hash: bytes
-    hash: bytes
+#: one sealed audit_log row, in the table's column order (``recorded_at`` is the server's):
+#: sequence, event_id, type, subject, key_version, source, tenant, correlation_id,
+#: occurred_at, topic, kafka_partition, kafka_offset, canonical (text), prev_hash, hash.
+#: A plain tuple: the store COPies it as it is, no object per event on the hot path.
+SealedRow = tuple[int, str, str, str | None, int | None, str, str | None, str | None, datetime,
+                  str, int | None, int | None, str, bytes, bytes]
+SEQUENCE, EVENT_ID, HASH = 0, 1, 14
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,14 +50,14 @@ class ChainHead:
 
 @dataclass(slots=True)
 class AppendPlan:
-    sealed: list[Sealed] = field(default_factory=list)
+    rows: list[SealedRow] = field(default_factory=list)
     checkpoints: list[Checkpoint] = field(default_factory=list)
     duplicates: int = 0
 
     @property
     def head(self) -> ChainHead | None:
-        last = self.sealed[-1] if self.sealed else None
-        return ChainHead(last.sequence, last.hash) if last else None
+        last = self.rows[-1] if self.rows else None
+        return ChainHead(last[SEQUENCE], last[HASH]) if last else None
 
 
 def fresh(batch: Sequence[Accepted], stored_ids: set[str]) -> list[Accepted]:
@@ -75,22 +75,25 @@ def plan_append(batch: Sequence[Accepted], head: ChainHead, owners: Mapping[str,
                 tenants_by_event: Mapping[str, str | None]) -> AppendPlan:
     """Seal ``batch`` (already fresh) after ``head``; ``owners`` maps key ids to tenants.
 
-    The hot loop of ingest: one SHA-256 (``link_hash`` inlined) and one entry per event."""
+    The hot loop of ingest: one SHA-256 (``link_hash`` inlined) and one row tuple per
+    event; the tenant rules are those of :func:`resolve_tenant`."""
     plan = AppendPlan()
-    sealed, known_owners, tenants = plan.sealed, dict(owners), dict(tenants_by_event)
+    add, known_owners, tenants = plan.rows.append, dict(owners), dict(tenants_by_event)
     sha256, pack = hashlib.sha256, _U64.pack
     sequence, prev = head.sequence, head.hash
     for item in batch:
-        event = item.event
+        event, canonical, origin = item.event, item.canonical, item.origin
+        data = event.data
         key_id = key_id_of(event)
-        tenant = owner_of(event.data) or _known_tenant(event, key_id, known_owners, tenants)
+        tenant = owner_of(data) or _known_tenant(event, key_id, known_owners, tenants)
         tenants[event.id] = tenant
         if key_id is not None and tenant is not None and key_id not in known_owners:
             known_owners[key_id] = tenant
         sequence += 1
-        digest = sha256(prev + pack(sequence) + item.canonical).digest()
-        sealed.append(Sealed(pending_entry(event, item.canonical, item.origin, tenant, key_id),
-                             sequence, prev, digest))
+        digest = sha256(prev + pack(sequence) + canonical).digest()
+        add((sequence, event.id, event.type, key_id, version_of(data), event.source, tenant,
+             event.correlationid, event.time, origin.topic, origin.partition, origin.offset,
+             canonical.decode("utf-8"), prev, digest))
         prev = digest
         if event.type == CHECKPOINT_EVENT:
             checkpoint = checkpoint_of(event, sequence)
