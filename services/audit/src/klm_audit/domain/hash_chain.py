@@ -155,15 +155,18 @@ class ChainVerifier:
         if self.broken is not None:
             return False
         offset, end = copy_span(copied)
-        view, sha256, size_at, pack = memoryview(copied), hashlib.sha256, _I32.unpack_from, \
-            _U64.pack
+        # copying a fresh SHA-256 context skips OpenSSL's per-call digest look-up
+        view, fresh, size_at, pack = memoryview(copied), hashlib.sha256().copy, \
+            _I32.unpack_from, _U64.pack
         starts_with, watch, hashes_at = copied.startswith, self.watch, self.hashes_at
         expected, prev = self.head_sequence + 1, self.head_hash
         try:
             while offset < end:
                 (size,) = size_at(copied, offset + 2)
                 body, stop = offset + 6, offset + 6 + size
-                digest = sha256(view[body:stop]).digest()
+                link = fresh()
+                link.update(view[body:stop])
+                digest = link.digest()
                 # stored prev_hash || sequence as expected, then a 32-byte hash field holding
                 # exactly the recomputed digest
                 if not (size >= _PREFIX and starts_with(prev + pack(expected), body)

@@ -79,7 +79,7 @@ def plan_append(batch: Sequence[Accepted], head: ChainHead, owners: Mapping[str,
     event; the tenant rules are those of :func:`resolve_tenant`."""
     plan = AppendPlan()
     add, known_owners, tenants = plan.rows.append, dict(owners), dict(tenants_by_event)
-    sha256, pack = hashlib.sha256, _U64.pack
+    fresh, pack = hashlib.sha256().copy, _U64.pack  # a copied context: no digest look-up
     sequence, prev = head.sequence, head.hash
     for item in batch:
         event, canonical, origin = item.event, item.canonical, item.origin
@@ -90,7 +90,9 @@ def plan_append(batch: Sequence[Accepted], head: ChainHead, owners: Mapping[str,
         if key_id is not None and tenant is not None and key_id not in known_owners:
             known_owners[key_id] = tenant
         sequence += 1
-        digest = sha256(prev + pack(sequence) + canonical).digest()
+        link = fresh()
+        link.update(prev + pack(sequence) + canonical)
+        digest = link.digest()
         add((sequence, event.id, event.type, key_id, version_of(data), event.source, tenant,
              event.correlationid, event.time, origin.topic, origin.partition, origin.offset,
              canonical.decode("utf-8"), prev, digest))
