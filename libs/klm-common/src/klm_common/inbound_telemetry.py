@@ -74,6 +74,8 @@ class BatchObservation:
     inbound: list[_Inbound]
     by_event_id: dict[str, _Inbound] = field(default_factory=dict)
     by_position: dict[tuple[str, int, int], _Inbound] = field(default_factory=dict)
+    #: set by :func:`defer_close`: the batch's work finishes after its handler returned
+    until: Any = None
 
     def context_for(self, event: CloudEvent) -> Context | None:
         """Trace context of the inbound record that caused ``event`` (None: not from us)."""
@@ -91,6 +93,15 @@ _current: contextvars.ContextVar[BatchObservation | None] = contextvars.ContextV
 
 def current_batch() -> BatchObservation | None:
     return _current.get()
+
+
+def defer_close(until: Any) -> None:
+    """A handler that hands its batch on (keygen's pipelined subscribers) calls this with a
+    future: the batch's spans end, and its requests are counted, when that future is done
+    rather than when the handler returns."""
+    batch = _current.get()
+    if batch is not None:
+        batch.until = until
 
 
 def note_parsed(records: Iterable[tuple[CloudEvent, ConsumerRecord[bytes, bytes]]]) -> None:
@@ -156,9 +167,18 @@ class InboundTelemetry(BaseMiddleware):
             raise
         finally:
             _current.reset(token)
-        _safely(_close, batch, None)
-        _safely(_observe_lag, getattr(msg, "consumer", None), records)
+        consumer = getattr(msg, "consumer", None)
+        if batch.until is not None and not batch.until.done():
+            batch.until.add_done_callback(lambda _: _finish(batch, consumer, records))
+        else:
+            _finish(batch, consumer, records)
         return result
+
+
+def _finish(batch: BatchObservation, consumer: Any,
+            records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+    _safely(_close, batch, None)
+    _safely(_observe_lag, consumer, records)
 
 
 def _safely(fn: Any, *args: Any) -> None:

@@ -86,6 +86,8 @@ def create_app(settings: KlmSettings | None = None) -> Starlette:
             starting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
+            for pipeline in keygen.pipelines:  # answers in flight are sent and committed
+                await pipeline.close()
             await keygen.broker.stop()
             await keygen.relay.stop()
             await keygen.producer.stop()

@@ -6,7 +6,9 @@ generate its new keys (one HSM call) → ONE Postgres transaction: claim the ids
 new keys, lock the existing keys the chunk changes, apply the key handlers round by round
 (HSM work of a round in one call each), store the keys' next state, queue every answer →
 commit. The next chunk's keys are generated while a chunk commits. Offsets are committed
-by the caller once every chunk of the batch is.
+by the caller once every chunk of the batch is. On ``klm.requests`` the subscribers are
+pipelined (:mod:`.pipeline`): the next batch's keys are generated while this one commits,
+its transaction follows this one's, and offsets are committed once both are durable.
 
 A crash anywhere before the commit leaves nothing: session objects die with the process,
 resident objects made meanwhile are orphans that the start-up sweep destroys, and the
@@ -50,6 +52,7 @@ from klm_keygen.domain.generation import (
 )
 from klm_keygen.domain.lifecycle import KeyRecord, Outcome
 from klm_keygen.domain.material import GeneratedVersion
+from klm_keygen.handlers.pipeline import Turn
 
 log = logging.getLogger(__name__)
 
@@ -134,15 +137,20 @@ async def handle_batch(records: Sequence[ConsumerRecord[bytes, bytes]], deps: De
                        routes: Routes) -> None:
     """Handle one batch; raise to have it redelivered (its offsets are not committed)."""
     try:
-        await _handle(records, deps, routes)
+        await serve_batch(records, deps, routes)
     except InfrastructureError as exc:
         log.warning("batch not served (%s); it will be redelivered", exc)
         await asyncio.sleep(deps.retry_delay)
         raise
 
 
-async def _handle(records: Sequence[ConsumerRecord[bytes, bytes]], deps: Deps,
-                  routes: Routes) -> None:
+async def serve_batch(records: Sequence[ConsumerRecord[bytes, bytes]], deps: Deps,
+                      routes: Routes, turn: Turn | None = None) -> None:
+    """Serve one batch; raise if it was not (nothing of it committed after the failure).
+
+    ``turn`` (pipelined subscribers, :mod:`.pipeline`): the first chunk's keys are generated
+    at once, but its transaction waits until every earlier batch has committed, so requests
+    on the same key are applied in their order."""
     inbound = _dedupe(await split_batch(records, deps.dead_letters))
     # an id another batch of this process is serving right now (the same request sent to
     # two topics) is left to that batch: it answers it, or fails and is redelivered. Two
@@ -161,7 +169,7 @@ async def _handle(records: Sequence[ConsumerRecord[bytes, bytes]], deps: Deps,
         chunks = [c for c in (_prepare(fresh[i:i + size], routes, tenants, deps.policy,
                                        deps.policies)
                               for i in range(0, len(fresh), size)) if c.handled]
-        await _serve_pipelined(chunks, deps, routes, tenants)
+        await _serve_pipelined(chunks, deps, routes, tenants, turn)
     finally:
         deps.in_flight -= ids
 
@@ -187,7 +195,7 @@ def _prepare(events: Sequence[CloudEvent], routes: Routes, tenants: Mapping[str,
 
 
 async def _serve_pipelined(chunks: Sequence[Chunk], deps: Deps, routes: Routes,
-                           tenants: Mapping[str, str | None]) -> None:
+                           tenants: Mapping[str, str | None], turn: Turn | None = None) -> None:
     """Chunk *i+1*'s keys are generated on the HSM thread while chunk *i* commits, so the
     HSM does not wait for Postgres (nor Postgres for the HSM). Chunks commit in order; a
     failure leaves the rest uncommitted and the whole batch is redelivered (the inbox makes
@@ -196,6 +204,8 @@ async def _serve_pipelined(chunks: Sequence[Chunk], deps: Deps, routes: Routes,
     for i, chunk in enumerate(chunks):
         assert pending is not None
         await pending
+        if i == 0 and turn is not None:
+            await turn.wait()  # earlier batches committed (else Abandoned: nothing is)
         pending = _generation(chunks[i + 1], deps) if i + 1 < len(chunks) else None
         try:
             await _commit(chunk, deps, routes, tenants)

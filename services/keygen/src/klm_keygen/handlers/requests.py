@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import ConsumerRecord
+from faststream.middlewares import AckPolicy
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from klm_common.authorization import tenant_request_topics
 from klm_common.errors import KlmError
@@ -38,7 +40,9 @@ from klm_keygen.handlers.batch import (
     each,
     generate_keys,
     handle_batch,
+    serve_batch,
 )
+from klm_keygen.handlers.pipeline import BatchPipeline
 
 if TYPE_CHECKING:
     from klm_keygen.bootstrap import Keygen
@@ -116,18 +120,50 @@ async def handle_request_batch(records: Sequence[ConsumerRecord[bytes, bytes]],
     await handle_batch(records, deps, ROUTES)
 
 
+class RequestSettings(BaseSettings):
+    """``KLM_REQUESTS_PIPELINE_DEPTH``: batches of ``klm.requests`` served at once (see
+    :mod:`.pipeline`); 0: one at a time, offsets committed before the next is fetched."""
+
+    model_config = SettingsConfigDict(env_prefix="KLM_REQUESTS_", extra="ignore")
+    pipeline_depth: int = 3
+
+
 def register(keygen: Keygen) -> None:
     """Subscribe the ``klm.requests`` batch handler, and the same handler on every tenant's
     ``klm.requests.<tenant>`` (by pattern; the tenant follows from the topic, see
     :mod:`klm_common.authorization`)."""
-    options = subscriber_options(keygen.settings, GROUP_ID)
+    depth = RequestSettings().pipeline_depth
+    for name, where, group in (
+            ("requests", {"topic": keygen.topics.requests}, GROUP_ID),
+            ("tenant-requests", {"pattern": tenant_request_topics(keygen.topics)},
+             TENANT_GROUP_ID)):
+        options = {**subscriber_options(keygen.settings, group), **where}
+        if depth > 0:
+            _subscribe_pipelined(keygen, name, options, depth)
+        else:
+            _subscribe(keygen, options)
 
-    @keygen.broker.subscriber(keygen.topics.requests, **options)
+
+def _subscribe(keygen: Keygen, options: dict[str, Any]) -> None:
+    """One batch at a time: committed, offsets included, before the next is fetched."""
+    topic = options.pop("topic", None)
+
+    @keygen.broker.subscriber(*([topic] if topic else []), **options)
     async def on_requests(records: list[Any]) -> None:
         await handle_request_batch(records, keygen.deps)
 
-    tenant_options = subscriber_options(keygen.settings, TENANT_GROUP_ID)
 
-    @keygen.broker.subscriber(pattern=tenant_request_topics(keygen.topics), **tenant_options)
-    async def on_tenant_requests(records: list[Any]) -> None:
-        await handle_request_batch(records, keygen.deps)
+def _subscribe_pipelined(keygen: Keygen, name: str, options: dict[str, Any],
+                         depth: int) -> None:
+    """The next batch's keys are generated while this one's transaction commits; its
+    transaction follows this one's; offsets are committed once both are durable."""
+    pipeline = BatchPipeline(name, depth=depth, retry_delay=keygen.deps.retry_delay)
+    keygen.pipelines.append(pipeline)
+    topic = options.pop("topic", None)
+    subscriber = keygen.broker.subscriber(*([topic] if topic else []), **options,
+                                          ack_policy=AckPolicy.MANUAL, listener=pipeline)
+
+    @subscriber
+    async def on_requests(records: list[Any]) -> None:
+        await pipeline.submit(subscriber.consumer, records,
+                              lambda turn: serve_batch(records, keygen.deps, ROUTES, turn))

@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
+from faststream.middlewares import AckPolicy
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from klm_common.envelope import CloudEvent, now
@@ -55,6 +56,7 @@ from klm_keygen.domain.usage import (
     reply_topic_allowed,
     summary_event,
 )
+from klm_keygen.handlers.pipeline import BatchPipeline
 
 if TYPE_CHECKING:
     from klm_keygen.bootstrap import Keygen
@@ -74,6 +76,9 @@ class UsageSettings(BaseSettings):
     cache_size: int = 4096
     #: how long a key record may be served from memory (0: read Postgres every batch)
     key_cache_seconds: float = 2.0
+    #: batches served at once: the next is fetched and served while earlier replies wait
+    #: for their acks and offsets are committed (see :mod:`.pipeline`); 0: one at a time
+    pipeline_depth: int = 4
 
 
 class HsmRunner(Protocol):
@@ -320,16 +325,34 @@ def usage_deps(keygen: Keygen, settings: UsageSettings) -> UsageDeps:
 
 
 def register(keygen: Keygen) -> None:
-    """Subscribe the ``klm.crypto.requests`` batch handler and start the summary timer."""
+    """Subscribe the ``klm.crypto.requests`` batch handler (pipelined: see
+    :mod:`.pipeline`) and start the summary timer."""
     settings = UsageSettings()
     deps = usage_deps(keygen, settings)
     options = subscriber_options(keygen.settings, GROUP_ID)  # group per namespace
+    if settings.pipeline_depth > 0:
+        _subscribe_pipelined(keygen, deps, options, settings.pipeline_depth)
+    else:  # one batch at a time: replies acknowledged and offsets committed before the next
 
-    @keygen.broker.subscriber(keygen.topics.crypto_requests, **options)
-    async def on_crypto_requests(records: list[Any]) -> None:
-        await handle_usage_batch(records, deps)
+        @keygen.broker.subscriber(keygen.topics.crypto_requests, **options)
+        async def on_crypto_requests(records: list[Any]) -> None:
+            await handle_usage_batch(records, deps)
 
     task = asyncio.get_running_loop().create_task(
         flush_usage_forever(deps, settings.summary_seconds), name="usage-summaries")
     deps.tasks.add(task)
     task.add_done_callback(deps.tasks.discard)
+
+
+def _subscribe_pipelined(keygen: Keygen, deps: UsageDeps, options: dict[str, Any],
+                         depth: int) -> None:
+    """Batch *n+1* is fetched and served while batch *n*'s replies wait for their acks;
+    offsets are committed once the replies of every batch up to them are acknowledged."""
+    pipeline = BatchPipeline("usage", depth=depth, retry_delay=deps.retry_delay)
+    keygen.pipelines.append(pipeline)
+    subscriber = keygen.broker.subscriber(keygen.topics.crypto_requests, **options,
+                                          ack_policy=AckPolicy.MANUAL, listener=pipeline)
+
+    @subscriber
+    async def on_crypto_requests(records: list[Any]) -> None:
+        await pipeline.submit(subscriber.consumer, records, lambda _: _handle(records, deps))
