@@ -16,6 +16,8 @@ from typing import Any
 OUT = Path(__file__).with_name("klm.json")
 DS = {"type": "prometheus", "uid": "klm-prometheus"}
 RATE = "$__rate_interval"
+#: one reading per series of the inventory gauges, however many rotation instances report it
+INVENTORY = "max without (instance) "
 
 #: (row title, [(panel title, kind, unit, [(legend, expr)], description)])
 ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]], str]]]] = [
@@ -38,19 +40,22 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]], str]]]] =
             ("{{klm_consumer}}", f"sum by (klm_consumer) (rate(klm_dlq_records_total[{RATE}]))")],
          "Records that could not be parsed or validated, sent to klm.dlq."),
     ]),
+    # inventory gauges: every rotation instance reports the whole inventory, so instances
+    # are collapsed with max before summing (INVENTORY)
     ("Keys", [
         ("Keys by state", "timeseries", "short", [
-            ("{{klm_key_state}}", "sum by (klm_key_state) (klm_keys)")], ""),
+            ("{{klm_key_state}}", f"sum by (klm_key_state) ({INVENTORY}(klm_keys))")], ""),
         ("Keys by algorithm and protection", "table", "short", [
             ("{{klm_key_algorithm}} {{klm_key_protection}}",
-             "sum by (klm_key_algorithm, klm_key_protection) (klm_keys)")], ""),
+             f"sum by (klm_key_algorithm, klm_key_protection) ({INVENTORY}(klm_keys))")], ""),
         ("Oldest active key", "stat", "s", [
             ("age", "max(klm_key_oldest_active_age_seconds)")], ""),
         ("Rotations due / overdue", "stat", "short", [
-            ("due", "sum(klm_rotation_due)"), ("overdue", "sum(klm_rotation_overdue)")],
+            ("due", f"sum({INVENTORY}(klm_rotation_due))"),
+            ("overdue", f"sum({INVENTORY}(klm_rotation_overdue))")],
          "Due: cryptoperiod ends within the notice window. Overdue: past it, not rotated."),
         ("Open policy findings by severity", "timeseries", "short", [
-            ("{{severity}}", "sum by (severity) (klm_policy_violations)")],
+            ("{{severity}}", f"sum by (severity) ({INVENTORY}(klm_policy_violations))")],
          "Findings of the crypto policy still open in the inventory (rotation)."),
         ("Policy findings raised (1h) by code", "timeseries", "short", [
             ("{{code}} {{severity}}",

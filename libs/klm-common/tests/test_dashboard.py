@@ -44,7 +44,10 @@ def grouping_labels(expr: str) -> set[str]:
 
 
 def catalogue_labels() -> set[str]:
-    return {a.replace(".", "_") for spec in metrics.CATALOGUE for a in spec.attributes} | {"le"}
+    """The catalogue's attributes, the histogram bucket label and the target labels
+    Prometheus adds to every series (``instance``, ``job``)."""
+    return {a.replace(".", "_") for spec in metrics.CATALOGUE for a in spec.attributes} | {
+        "le", "instance", "job"}
 
 
 def test_every_panel_query_references_catalogue_metrics() -> None:
