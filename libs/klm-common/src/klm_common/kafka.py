@@ -121,8 +121,9 @@ async def tolerant_headers(msg: Any, original: Callable[[Any], Awaitable[Any]]) 
     return await original(msg)
 
 
-def make_producer(settings: KlmSettings, client_id: str) -> AIOKafkaProducer:
-    """A raw idempotent producer (the outbox relay batches its sends with it)."""
+def make_producer(settings: KlmSettings, client_id: str, **options: Any) -> AIOKafkaProducer:
+    """A raw idempotent producer (the outbox relay batches its sends with it); ``options``
+    are further aiokafka producer arguments (e.g. a ``partitioner``)."""
     return AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap,
         client_id=client_id,
@@ -132,6 +133,7 @@ def make_producer(settings: KlmSettings, client_id: str) -> AIOKafkaProducer:
         max_batch_size=256 * 1024,
         request_timeout_ms=30000,
         **kafka_security(settings, principal_for(client_id)),
+        **options,
     )
 
 

@@ -11,6 +11,7 @@ import asyncpg
 from aiokafka import AIOKafkaProducer
 from faststream.kafka import KafkaBroker
 
+from klm_common.crypto_channel import CachedPartitioner
 from klm_common.db import create_pool
 from klm_common.kafka import DeadLetters, make_broker, make_producer
 from klm_common.outbox import OutboxRelay
@@ -43,7 +44,8 @@ async def bootstrap(settings: KlmSettings) -> Keygen:
     # FastStream's "Received"/"Processed" lines per batch at DEBUG: at INFO they were ~6 %
     # of keygen's CPU serving one-request batches (py-spy, docs/benchmarks.md)
     broker = make_broker(settings, "klm-keygen", log_level=logging.DEBUG)
-    producer = make_producer(settings, "klm-keygen-outbox")
+    # also sends usage replies, keyed by key id: the partition is hashed once per key
+    producer = make_producer(settings, "klm-keygen-outbox", partitioner=CachedPartitioner())
     pool = await create_pool(settings, "keygen")
     # the PIN is read at each (re)open: a corrected PIN file is picked up without a restart
     hsm = Pkcs11Hsm(settings.hsm_module, settings.hsm_token_label, settings.hsm_user_pin)
