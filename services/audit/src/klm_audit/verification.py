@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import Executor, ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TypedDict
 
@@ -85,7 +85,7 @@ async def _walk(store: AuditStore, verifier: ChainVerifier, upto: int, chunk: in
     without one, this process reads and a thread hashes."""
     bounds = [(after, min(upto, after + chunk)) for after in range(0, upto, chunk)]
     source = store.chain_source() if workers > 0 and len(bounds) > 1 else None
-    with _hashers(workers if source is not None else 0) as hashers:
+    async with _hashers(workers if source is not None else 0) as hashers:
         loop = asyncio.get_running_loop()
 
         async def segment(after: int, last: int) -> ChainSegment:
@@ -117,12 +117,13 @@ def _verify_range(source: ChainSource, after: int, upto: int, watch: frozenset[i
     return verify_segment(after, source.read(after, upto), watch)
 
 
-@contextmanager
-def _hashers(workers: int) -> Iterator[Executor | None]:
+@asynccontextmanager
+async def _hashers(workers: int) -> AsyncIterator[Executor | None]:
     """``workers`` forked processes (None: the loop's default thread pool). Forked, not
     spawned: a worker starts in milliseconds without re-importing the service; it only
     reads ranges over its own connection and runs :func:`verify_segment` (hashlib,
-    struct) on them, and exits with the pool at the end of the verification."""
+    struct) on them, and exits with the pool at the end of the verification (waited for
+    on a thread: the event loop keeps serving meanwhile)."""
     if workers <= 0:
         yield None
         return
@@ -130,7 +131,7 @@ def _hashers(workers: int) -> Iterator[Executor | None]:
     try:
         yield pool
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
 
 
 class _CheckpointSummary(TypedDict):

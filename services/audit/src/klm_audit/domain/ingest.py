@@ -13,6 +13,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Final
 
 from klm_audit.domain.checkpoints import Checkpoint, checkpoint_of
 from klm_audit.domain.entries import Origin, key_id_of, owner_of, version_of
@@ -39,7 +40,9 @@ class Accepted:
 #: A plain tuple: the store COPies it as it is, no object per event on the hot path.
 SealedRow = tuple[int, str, str, str | None, int | None, str, str | None, str | None, datetime,
                   str, int | None, int | None, str, bytes, bytes]
-SEQUENCE, EVENT_ID, HASH = 0, 1, 14
+SEQUENCE: Final = 0
+EVENT_ID: Final = 1
+HASH: Final = 14
 
 
 @dataclass(frozen=True, slots=True)
