@@ -332,20 +332,34 @@ NOTES = [
 
 ANALYSIS = [
     "Reading the figures: when the second table shows keygen getting a fraction of one core "
-    "while the machine is 100 % busy, the rates and latencies measure CPU starvation, not "
-    "the pipeline: keygen's own CPU cost per key (SoftHSM's work included) allows the "
-    "one-core ceiling shown, and the raw figure is measured with nothing else running in "
-    "its process. A py-spy profile of keygen under load (`--profile`, 2026-11-28 11:10 UTC) "
-    "had about half of its busy samples inside the SoftHSM calls (key pair generation, KWP "
-    "wrap) and the rest spread over Kafka/asyncpg I/O, pydantic and telemetry, with no hot "
-    "spot. Done for throughput: a batch is served in pipelined chunks (the HSM generates "
-    "chunk i+1 while chunk i commits), one HSM call and one transaction per chunk, EC "
-    "domain parameters encoded once. Latency at half the burst maximum is mostly queueing "
-    "(*in→made*) when keygen's CPU share drops below what that rate needs; the fixed path "
-    "per batch is an inbox pre-check, BEGIN, claim, keys, versions, outbox, COMMIT and the "
-    "offset commit, then the relay's own transaction. Next steps, to be measured on a quiet "
-    "machine: one statement for claim + keys + versions + outbox, and publishing committed "
-    "facts straight from memory instead of waking the relay (klm_common.outbox).",
+    "while the machine is busy, the rates and latencies measure CPU starvation, not the "
+    "pipeline: keygen's own CPU cost per key (SoftHSM's work included) allows the one-core "
+    "ceiling shown, and the raw figure is measured with nothing else running in its "
+    "process. For EC P-256 the HSM work alone (gen+wrap) is most of that cost, so the "
+    "ceiling is close to the gen+wrap rate, and the end-to-end maximum is close to the "
+    "ceiling. Done for throughput: a batch is served in pipelined chunks (the HSM generates "
+    "chunk i+1 while chunk i commits), one HSM call and one transaction per chunk; since "
+    "2026-11-28 14:20 UTC the batches of `klm.requests` are pipelined too "
+    "(`handlers/pipeline.py`, `KLM_REQUESTS_PIPELINE_DEPTH`, default 3): the next batch's "
+    "keys are generated while the previous batch's transaction commits, transactions stay "
+    "in order, offsets are committed only up to the batches that are durable, and a failed "
+    "batch and those after it are rewound and delivered again; FastStream's per-batch log "
+    "lines moved to DEBUG (they were ~6 % of keygen's CPU with one-request batches).",
+    "",
+    "Latency at half the burst maximum: the burst is served in batches of up to 500, the "
+    "paced load in small batches, whose fixed cost per batch (FastStream's consume path and "
+    "telemetry, the HSM thread hop, BEGIN…COMMIT with its WAL flush, the offset commit, the "
+    "relay's own transaction) is paid by few keys; on this shared 2-core machine (load 3-4 "
+    "from other work during these runs) the paced rate is then close to what keygen's CPU "
+    "share allows, and requests queue (*in→made*). A/B runs on the same machine minutes "
+    "apart (`--keygen-env KLM_REQUESTS_PIPELINE_DEPTH=0` vs 3, `--rate 250 --only 'EC "
+    "P-256' --quick`, 14:34-14:36 UTC) gave p50 124 / 608 ms (one batch at a time) and "
+    "228 / 392 ms (pipelined): the raw rate itself moved between 1,714 and 2,346/s over "
+    "those four minutes, so the run-to-run noise is larger than the difference. What is "
+    "left, measured: CPU per key (second table) on a machine whose other tenants take most "
+    "of it; next steps are fewer Python layers per batch (a plain aiokafka consumer loop "
+    "instead of FastStream's middleware stack for the hot subscribers) and publishing "
+    "committed facts straight from memory instead of waking the relay.",
 ]
 
 
@@ -382,6 +396,7 @@ class Options:
     only: str | None = None
     write: bool = True
     rate: float | None = None
+    keygen_env: dict[str, str] | None = None
 
 
 async def run(opts: Options) -> None:
@@ -390,7 +405,7 @@ async def run(opts: Options) -> None:
     ns = await create_namespace(stack)
     logs = Path(tempfile.gettempdir()) / "klm-bench-logs"
     logs.mkdir(exist_ok=True)
-    keygen = ServiceProcess("keygen", REPO, ns.env, logs)
+    keygen = ServiceProcess("keygen", REPO, {**ns.env, **(opts.keygen_env or {})}, logs)
     keygen.log_path.write_text("")
     print(f"keygen log: {keygen.log_path}")
     profiler: subprocess.Popen[bytes] | None = None
@@ -495,9 +510,12 @@ def main() -> None:
     parser.add_argument("--only", help="run only this algorithm (e.g. 'EC P-256')")
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/")
     parser.add_argument("--rate", type=float, help="latency load (default: half the max)")
+    parser.add_argument("--keygen-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra keygen setting, e.g. KLM_REQUESTS_PIPELINE_DEPTH=0 "
+                             "(one batch at a time, for comparison)")
     args = parser.parse_args()
     asyncio.run(run(Options(args.quick, args.profile, args.only, not args.no_write,
-                            args.rate)))
+                            args.rate, dict(e.split("=", 1) for e in args.keygen_env))))
 
 
 if __name__ == "__main__":

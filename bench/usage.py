@@ -189,7 +189,7 @@ async def measure(klm: KlmClient, name: str, call: Callable[[], Awaitable[Any]],
 
 
 def section(figures: list[Figures], seconds: float, in_flight: int,
-            codec: dict[str, float]) -> str:
+            codec: dict[str, float], extra: dict[str, str] | None = None) -> str:
     rows = ["| operation | raw HSM in process (ops/s) | end to end, max (ops/s) | "
             "% of raw | p50 / p99 at max (ms) | half load (ops/s) | p50 / p99 at half (ms) |",
             "|---|---:|---:|---:|---:|---:|---:|"]
@@ -205,7 +205,10 @@ def section(figures: list[Figures], seconds: float, in_flight: int,
             f"- per figure: {seconds:.0f} s; max = closed loop with "
             f"{in_flight} requests in flight from one KlmClient; half = open loop at half "
             "that rate\n- payload: 1 KiB; keys: hsm-wrapped (unwrapped once into keygen's "
-            "handle cache); one keygen process, batches of up to 500 requests\n\n"
+            "handle cache); one keygen process, batches of up to 500 requests, up to 4 "
+            "batches in flight (the next one is served while earlier replies wait for "
+            "their acks; offsets committed once they are acknowledged)"
+            + (f"; keygen settings: {extra}" if extra else "") + "\n\n"
             + "\n".join(rows) + f"\n\nFailed calls (timeouts, refusals): {FAILURES or 'none'}."
             f"\n\nPython work per request around the HSM call, same run: client builds the "
             f"request {codec['client']:.0f} µs, keygen parses it and builds the reply "
@@ -224,14 +227,19 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--in-flight", type=int, default=256)
+    parser.add_argument("--keygen-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra keygen setting, e.g. KLM_USAGE_PIPELINE_DEPTH=0 "
+                             "(one batch at a time, for comparison)")
+    parser.add_argument("--no-write", action="store_true", help="do not touch docs/")
     args = parser.parse_args()
+    extra = dict(item.split("=", 1) for item in args.keygen_env)
     ns = await KlmNamespace().create()
     try:
         raw = raw_rates(ns.env, min(args.seconds, 5.0))
         codec = codec_costs()
         logs = Path(tempfile.mkdtemp(prefix="klm-bench-usage-"))
         print(f"keygen log: {logs / 'keygen.log'}", file=sys.stderr)
-        keygen = await start_service("keygen", ns.env, logs)
+        keygen = await start_service("keygen", ns.env, logs, **extra)
         try:
             async with KlmClient(ns.settings(), source="bench/usage", timeout=60) as klm:
                 figures = await run(klm, raw, args.seconds, args.in_flight)
@@ -239,9 +247,10 @@ async def main() -> None:
             keygen.stop()
     finally:
         await ns.drop()
-    text = section(figures, args.seconds, args.in_flight, codec)
+    text = section(figures, args.seconds, args.in_flight, codec, extra)
     print(text)
-    write_section("Usage operations", text)
+    if not args.no_write:
+        write_section("Usage operations", text)
 
 
 async def run(klm: KlmClient, raw: dict[str, float], seconds: float,
