@@ -7,7 +7,8 @@ Least privilege, one principal per KLM service and one per requesting tenant:
 * every service: DESCRIBE on the KLM topics of its namespace (metadata, ``ensure_topics``
   listing), WRITE on ``klm.dlq``, READ on its own consumer groups (``klm-<service>*``);
 * ``keygen`` READs the request topics (``klm.requests`` and ``klm.requests.<tenant>``),
-  crypto requests, commands and backup commands; WRITEs lifecycle facts, backup material
+  crypto requests (``klm.crypto.requests`` and ``klm.crypto.requests.<tenant>``), commands
+  and backup commands; WRITEs lifecycle facts, backup material
   and crypto replies (``klm.crypto.replies.*``);
 * ``rotation`` READs lifecycle and inventory requests; WRITEs commands and lifecycle
   (policy findings, observed keys);
@@ -15,7 +16,8 @@ Least privilege, one principal per KLM service and one per requesting tenant:
   ``klm.backup``; WRITEs backup commands, ``klm.backup`` and lifecycle;
 * ``audit`` READs every topic it stores (never ``klm.crypto.requests``, whose payloads may
   hold plaintext); WRITEs commands (checkpoint signing by keygen);
-* a tenant ``<t>`` WRITEs ``klm.requests.<t>`` ONLY, READs ``klm.lifecycle`` (its answers)
+* a tenant ``<t>`` WRITEs ``klm.requests.<t>`` and ``klm.crypto.requests.<t>`` ONLY, READs
+  ``klm.lifecycle`` (its answers)
   and its own crypto reply topics ``klm.crypto.replies.<t>-*`` (the SDK creates and deletes
   them, see klm_common/crypto_channel.py); no consumer group (it reads by assignment).
 
@@ -47,11 +49,14 @@ COMMANDS = "klm.commands"
 INVENTORY_REQUESTS = "klm.inventory.requests"
 BACKUP_COMMANDS = "klm.backup.commands"
 BACKUP = "klm.backup"
+#: the shared topics of which each tenant has its own, <base>.<tenant> (authorization.py)
+TENANT_TOPIC_BASES = (REQUESTS, CRYPTO_REQUESTS)
 
 # (operation, topic, pattern) per service, beyond what every service gets
 SERVICE_TOPICS: dict[str, list[tuple[str, str, str]]] = {
     "keygen": [("READ", REQUESTS, "literal"), ("READ", REQUESTS + ".", "prefixed"),
-               ("READ", CRYPTO_REQUESTS, "literal"), ("READ", COMMANDS, "literal"),
+               ("READ", CRYPTO_REQUESTS, "literal"), ("READ", CRYPTO_REQUESTS + ".", "prefixed"),
+               ("READ", COMMANDS, "literal"),
                ("READ", BACKUP_COMMANDS, "literal"), ("WRITE", LIFECYCLE, "literal"),
                ("WRITE", BACKUP, "literal"), ("WRITE", CRYPTO_REPLIES, "prefixed")],
     # rotation asks for rotations as an operator would: klm.request.rotate_key on the shared
@@ -89,8 +94,8 @@ def service_acls(service: str, prefix: str) -> list[str]:
 
 def tenant_acls(tenant: str, prefix: str) -> list[str]:
     user = f"User:{check_tenant(tenant)}"
-    return [f"{user} WRITE topic literal {prefix}{REQUESTS}.{tenant}",
-            f"{user} DESCRIBE topic literal {prefix}{REQUESTS}.{tenant}",
+    return [*(f"{user} {op} topic literal {prefix}{base}.{tenant}"
+              for base in TENANT_TOPIC_BASES for op in ("WRITE", "DESCRIBE")),
             f"{user} READ topic literal {prefix}{LIFECYCLE}",
             f"{user} DESCRIBE topic literal {prefix}{LIFECYCLE}",
             *(f"{user} {op} topic prefixed {prefix}{CRYPTO_REPLIES}{tenant}-"
@@ -115,8 +120,8 @@ def main() -> int:
     args = parser.parse_args()
     try:
         if args.tenant_topics:
-            print("\n".join(f"{args.prefix}{REQUESTS}.{check_tenant(t)} 6"
-                            for t in args.tenant))
+            print("\n".join(f"{args.prefix}{base}.{check_tenant(t)} 6"
+                             for t in args.tenant for base in TENANT_TOPIC_BASES))
         else:
             print("\n".join(plan(args.prefix, args.tenant)))
     except ValueError as exc:

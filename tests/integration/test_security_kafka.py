@@ -27,10 +27,11 @@ from pydantic import SecretStr
 
 from klm_common.authorization import tenant_request_topic
 from klm_common.client import KlmClient, RequestRejectedError
+from klm_common.crypto_channel import CryptoOperationError
 from klm_common.envelope import make_event
 from klm_common.events import GenerateKey, RotateKey
 from klm_common.kafka import kafka_security
-from klm_common.topics import Topics
+from klm_common.topics import CRYPTO_REQUESTS, Topics
 from tests.chaos.instance import Namespace, StackInstance, create_namespace, drop_namespace
 from tests.integration.harness import EventLog, ServiceProcess
 
@@ -97,9 +98,11 @@ def sec_topics(secured_ns: Namespace) -> Topics:
 @pytest.fixture(scope="module")
 def keygen(secured_ns: Namespace, secured: StackInstance,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    """keygen logged in as its own principal ``keygen`` (not admin)."""
+    """keygen logged in as its own principal ``keygen`` (not admin); usage summaries only
+    at stop (an hour-long interval), see test_the_interval_in_progress_is_summarised_at_stop."""
     env = {**secured_ns.env, "KLM_KAFKA_USERNAME": "keygen",
-           "KLM_KAFKA_PASSWORD_FILE": str(secured.home / "secrets/kafka-keygen-password")}
+           "KLM_KAFKA_PASSWORD_FILE": str(secured.home / "secrets/kafka-keygen-password"),
+           "KLM_USAGE_SUMMARY_SECONDS": "3600"}
     proc = ServiceProcess("keygen", REPO, env, tmp_path_factory.mktemp("sec-logs"))
     proc.start()
     yield proc
@@ -194,7 +197,8 @@ async def test_wrong_password_is_refused(secured: StackInstance, sec_topics: Top
 
 
 @pytest.mark.parametrize("target", ["requests.payments", "requests", "lifecycle", "dlq",
-                                    "commands", "crypto.requests", "backup.commands"])
+                                    "commands", "crypto.requests", "crypto.requests.payments",
+                                    "backup.commands"])
 async def test_tenant_writes_only_its_own_request_topic(secured: StackInstance,
                                                         sec_topics: Topics, target: str) -> None:
     topic = sec_topics.name(f"klm.{target}")
@@ -253,6 +257,56 @@ async def test_tenant_requests_are_served_and_scoped(keygen: ServiceProcess,
     assert len(refusals) == 2
 
 
+async def test_tenants_use_only_their_own_keys(keygen: ServiceProcess, secured_ns: Namespace,
+                                              secured: StackInstance,
+                                              sec_lifecycle: EventLog) -> None:
+    """Usage operations over real SASL logins: billing signs on its own
+    ``klm.crypto.requests.billing`` and reads the reply on its own reply topic; payments
+    naming billing's key (as itself, or claiming to be billing) is refused with
+    ``forbidden`` and the attempt is recorded as ``klm.key.usage_denied``."""
+    async with tenant_client(secured_ns, secured, "billing") as billing, \
+            tenant_client(secured_ns, secured, "payments") as payments:
+        fact = await billing.generate_key(owner="billing", name="signer", algorithm="EC",
+                                          curve="P-256")
+        key_id = fact.subject
+        assert key_id
+        signature = await billing.sign(key_id, b"invoice 42", owner="billing")
+        assert await billing.verify(key_id, b"invoice 42", signature, owner="billing")
+        for claimed in ("payments", "billing"):
+            with pytest.raises(CryptoOperationError) as refused:
+                await payments.sign(key_id, b"forged", owner=claimed)
+            assert refused.value.code == "forbidden", claimed
+    denied = await sec_lifecycle.wait_for(
+        lambda e: e.type == "klm.key.usage_denied" and e.subject == key_id, count=2,
+        timeout=30)
+    assert {e.data["tenant"] for e in denied} == {"payments"}
+
+
+async def test_a_tenant_cannot_send_answers_to_another_tenants_reply_topic(
+        keygen: ServiceProcess, secured: StackInstance, sec_topics: Topics) -> None:
+    """billing naming a payments reply topic is not answered there: the request goes to
+    the DLQ with the reason (keygen could write the topic; billing's login could not)."""
+    dlq = EventLog(secured.bootstrap, sec_topics.dlq, secured.login("admin"))
+    await dlq.start()
+    try:
+        request = make_event("klm.crypto.sign", {
+            "key_id": f"klm:key:{uuid.uuid4()}", "owner": "billing", "data_b64": "eA==",
+            "reply_to": sec_topics.name("klm.crypto.replies.payments-inbox")},
+            source="tests/billing")
+        producer = AIOKafkaProducer(bootstrap_servers=secured.bootstrap, acks="all",
+                                    **secured.login("billing"))
+        await producer.start()
+        try:
+            await producer.send_and_wait(
+                tenant_request_topic(sec_topics, "billing", CRYPTO_REQUESTS), request.to_bytes())
+        finally:
+            await producer.stop()
+        [letter] = await dlq.wait_for(lambda e: "payments-inbox" in str(e.data), timeout=30)
+        assert "klm.crypto.replies.billing-" in str(letter.data)
+    finally:
+        await dlq.stop()
+
+
 async def test_operator_topic_still_served(keygen: ServiceProcess, secured_ns: Namespace,
                                            secured: StackInstance) -> None:
     """The shared ``klm.requests`` (admin / ``klm`` CLI) is not tenant-restricted."""
@@ -262,6 +316,19 @@ async def test_operator_topic_still_served(keygen: ServiceProcess, secured_ns: N
     async with KlmClient(settings, source="tests/operator", timeout=60) as klm:
         fact = await klm.generate_key(owner="payments", name="ops", algorithm="AES-128")
     assert fact.type == "klm.key.generated"
+
+
+async def test_the_interval_in_progress_is_summarised_at_stop(
+        keygen: ServiceProcess, sec_lifecycle: EventLog) -> None:
+    """The uses of the summary interval in progress (billing's sign and verify above) are
+    not lost when keygen stops: its last words are a ``klm.key.usage_summary``."""
+    assert not sec_lifecycle.matching(lambda e: e.type == "klm.key.usage_summary")
+    keygen.terminate()
+    [summary] = await sec_lifecycle.wait_for(
+        lambda e: e.type == "klm.key.usage_summary" and e.data["owner"] == "billing",
+        timeout=30)
+    assert summary.data["operations"] == {"sign": 1, "verify": 1}, summary.data
+    keygen.start()  # the module's other tests keep their keygen
 
 
 async def test_report_spoof_attempts() -> None:

@@ -3,12 +3,19 @@ request types its policy grants."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from klm_common.authorization import authorize, tenant_of_topic, tenant_request_topic
+from klm_common.authorization import (
+    authorize,
+    tenant_of_topic,
+    tenant_request_topic,
+    tenant_request_topics,
+)
 from klm_common.errors import Forbidden
 from klm_common.policy import load_policy
-from klm_common.topics import Topics
+from klm_common.topics import CRYPTO_REQUESTS, Topics
 
 
 @pytest.mark.parametrize(("topic", "tenant"), [
@@ -67,3 +74,15 @@ def test_default_policy_grants_every_lifecycle_request() -> None:
     for kind in ("generate_key", "rotate_key", "suspend_key", "reactivate_key", "revoke_key",
                  "schedule_destruction", "cancel_destruction"):
         authorize("billing", f"klm.request.{kind}", "billing", policy)
+
+
+def test_each_tenant_has_its_own_crypto_request_topic() -> None:
+    topics = Topics("it42.")
+    topic = tenant_request_topic(topics, "billing", CRYPTO_REQUESTS)
+    assert topic == "it42.klm.crypto.requests.billing"
+    assert tenant_of_topic(topic) == "billing"
+    assert tenant_of_topic(topics.crypto_requests) is None  # the operators' shared topic
+    pattern = re.compile(tenant_request_topics(topics, CRYPTO_REQUESTS))
+    assert pattern.fullmatch(topic) and not pattern.fullmatch(topics.crypto_requests)
+    assert not pattern.fullmatch(tenant_request_topic(topics, "billing"))
+    assert not re.compile(tenant_request_topics(topics)).fullmatch(topic)

@@ -21,33 +21,37 @@ import re
 
 from klm_common.errors import Forbidden
 from klm_common.policy import CryptoPolicy
-from klm_common.topics import REQUESTS, Topics
+from klm_common.topics import CRYPTO_REQUESTS, REQUESTS, Topics
 
-#: a tenant's name: also its Kafka principal and the suffix of its request topic
+#: a tenant's name: also its Kafka principal and the suffix of its request topics
 TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
-_TENANT_TOPIC_MARK = f"{REQUESTS}."
+#: the shared topics of which each tenant has its own: ``<base>.<tenant>``
+TENANT_TOPIC_BASES = (REQUESTS, CRYPTO_REQUESTS)
 _REQUEST_PREFIX = "klm.request."
 
 
-def tenant_request_topic(topics: Topics, tenant: str) -> str:
-    """``<prefix>klm.requests.<tenant>``: the only request topic the tenant may write."""
+def tenant_request_topic(topics: Topics, tenant: str, base: str = REQUESTS) -> str:
+    """``<prefix><base>.<tenant>``: the only request topic (of lifecycle requests, or of
+    usage operations with ``base`` = ``klm.crypto.requests``) the tenant may write."""
     if not TENANT_NAME.fullmatch(tenant):
         raise ValueError(f"invalid tenant name {tenant!r}")
-    return topics.name(f"{REQUESTS}.{tenant}")
+    return topics.name(f"{base}.{tenant}")
 
 
-def tenant_request_topics(topics: Topics) -> str:
-    """The subscription pattern of every tenant's request topic, ``<prefix>klm.requests.<t>``
-    (what keygen, backup and audit read besides the shared ``klm.requests``)."""
-    return f"^{re.escape(topics.requests)}\\.{TENANT_NAME.pattern}$"
+def tenant_request_topics(topics: Topics, base: str = REQUESTS) -> str:
+    """The subscription pattern of every tenant's ``<prefix><base>.<t>`` (what keygen,
+    backup and audit read besides the shared ``klm.requests``; keygen also reads the
+    tenants' ``klm.crypto.requests.<t>``)."""
+    return f"^{re.escape(topics.name(base))}\\.{TENANT_NAME.pattern}$"
 
 
 def tenant_of_topic(topic: str) -> str | None:
-    """The tenant a request topic belongs to; None for the shared ``klm.requests`` (and for
-    any topic that is not a tenant's request topic)."""
-    _, mark, tenant = topic.rpartition(_TENANT_TOPIC_MARK)
-    if mark and TENANT_NAME.fullmatch(tenant):
-        return tenant
+    """The tenant a request topic belongs to; None for the shared ``klm.requests`` and
+    ``klm.crypto.requests`` (and for any topic that is not a tenant's)."""
+    for base in TENANT_TOPIC_BASES:
+        head, mark, tenant = topic.rpartition(f"{base}.")
+        if mark and (not head or head.endswith(".")) and TENANT_NAME.fullmatch(tenant):
+            return tenant
     return None
 
 

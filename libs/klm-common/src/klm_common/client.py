@@ -70,9 +70,11 @@ class AnswerTimeout(KlmError):
 class KlmClient:
     def __init__(self, settings: KlmSettings, source: str = "klm/client",
                  timeout: float = 30.0, tenant: str | None = None) -> None:
-        """``tenant``: send requests to ``klm.requests.<tenant>`` — the only request topic a
-        tenant's Kafka login may write on the secured stack (docs/security.md)."""
+        """``tenant``: send requests to ``klm.requests.<tenant>`` and usage operations to
+        ``klm.crypto.requests.<tenant>`` — the only request topics a tenant's Kafka login
+        may write on the secured stack (docs/security.md)."""
         self._settings = settings
+        self._tenant = tenant
         self._topics = Topics(settings.topic_prefix)
         self._source = source
         self._request_topic = (tenant_request_topic(self._topics, tenant) if tenant
@@ -166,7 +168,8 @@ class KlmClient:
         """The usage channel, started on first use (its reply topic is created then)."""
         async with self._crypto_lock:
             if self._crypto is None:
-                channel = CryptoChannel(self._settings, self._source, self._timeout)
+                channel = CryptoChannel(self._settings, self._source, self._timeout,
+                                        self._tenant)
                 await channel.start()
                 self._crypto = channel
             return self._crypto

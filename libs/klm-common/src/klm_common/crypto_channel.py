@@ -23,12 +23,13 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner
 
+from klm_common.authorization import tenant_request_topic
 from klm_common.envelope import CloudEvent, new_id, now, parse_envelope
 from klm_common.errors import KlmError
 from klm_common.events import REPLY_TOPIC_BASE, CryptoReply, EventData
 from klm_common.kafka import kafka_security
 from klm_common.settings import KlmSettings
-from klm_common.topics import Topics
+from klm_common.topics import CRYPTO_REQUESTS, Topics
 
 
 class CryptoOperationError(KlmError):
@@ -118,12 +119,18 @@ def unb64(text: str | None) -> bytes:
 class CryptoChannel:
     """Sends ``klm.crypto.*`` requests and awaits their replies on its own topic."""
 
-    def __init__(self, settings: KlmSettings, source: str, timeout: float) -> None:
+    def __init__(self, settings: KlmSettings, source: str, timeout: float,
+                 tenant: str | None = None) -> None:
+        """``tenant``: requests go to ``klm.crypto.requests.<tenant>`` and replies come to
+        ``klm.crypto.replies.<tenant>-…`` — the topics a tenant's Kafka login may use on the
+        secured stack; None: the operators' shared ``klm.crypto.requests``."""
         self._settings = settings
         self._topics = Topics(settings.topic_prefix)
         self._source = source
         self.timeout = timeout
-        name = re.sub(r"[^A-Za-z0-9_-]", "-", source)[:60]
+        self._request_topic = (tenant_request_topic(self._topics, tenant, CRYPTO_REQUESTS)
+                               if tenant else self._topics.crypto_requests)
+        name = tenant or re.sub(r"[^A-Za-z0-9_-]", "-", source)[:60]
         self.reply_topic = (f"{settings.topic_prefix}{REPLY_TOPIC_BASE}"
                             f"{name}-{uuid.uuid4().hex[:12]}")
         # many concurrent calls share one producer: big batches keep the idempotent
@@ -195,7 +202,7 @@ class CryptoChannel:
         self._waiters[event.id] = waiter
         limit = timeout or self.timeout
         try:
-            await self._producer.send_and_wait(self._topics.crypto_requests, event.to_bytes(),
+            await self._producer.send_and_wait(self._request_topic, event.to_bytes(),
                                                key=event.partition_key)
             reply = await asyncio.wait_for(waiter, limit)
         except TimeoutError:

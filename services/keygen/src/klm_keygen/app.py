@@ -89,6 +89,8 @@ def create_app(settings: KlmSettings | None = None) -> Starlette:
             for pipeline in keygen.pipelines:  # answers in flight are sent and committed
                 await pipeline.close()
             await keygen.broker.stop()
+            for last_words in keygen.on_stop:  # nothing is served any more
+                await last_words()
             await keygen.relay.stop()
             await keygen.producer.stop()
             await keygen.hsm.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,9 @@ class Keygen:
     deps: Deps
     #: pipelined subscribers (handlers/pipeline.py), drained before the broker stops
     pipelines: list[BatchPipeline] = field(default_factory=list)
+    #: last words of the areas (e.g. the usage summary of the interval in progress), said
+    #: once nothing is consumed any more, while Postgres and the outbox relay still run
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
 async def bootstrap(settings: KlmSettings) -> Keygen:

@@ -215,10 +215,12 @@ def denial_fact(request: CloudEvent, data: CryptoRequest, operation: Operation,
                 error: KlmError, key: UsageKey) -> CloudEvent:
     """``klm.key.usage_denied``: misuse attempts are visible to auditors."""
     version = error.details.get("version")
+    tenant = error.details.get("tenant")  # the tenant whose topic it came from, if any
     fact = UsageDenied(key_id=key.key_id, owner=key.owner, operation=operation.value,
                        code=error.code, requester=request.source,
                        version=version if isinstance(version, int) else None,
-                       tenant=data.owner, message=error.message[:500])
+                       tenant=tenant if isinstance(tenant, str) else data.owner,
+                       message=error.message[:500])
     return make_event(UsageDenied.event_type, fact, source=SOURCE, subject=key.key_id,
                       cause=request, event_id=answer_id(request.id, "usage_denied"))
 

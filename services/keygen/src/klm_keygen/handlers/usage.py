@@ -1,6 +1,11 @@
 """``klm.crypto.requests``: usage operations (sign, verify, encrypt, decrypt, mac,
 mac_verify, wrap, unwrap), answered on the reply topic each request names.
 
+Operators write the shared ``klm.crypto.requests`` and may name any owner; a tenant writes
+its own ``klm.crypto.requests.<tenant>`` (the only one its Kafka login may write, see
+:mod:`klm_common.authorization`), may use only its own keys (``forbidden`` otherwise) and
+gets its answers only on its own reply topics ``klm.crypto.replies.<tenant>-*``.
+
 A Kafka batch flows: parse (bad bytes, or no safe reply topic → DLQ) → load the batch's
 keys (one query) → authorise each request (tenant, usage, version state; refusals are
 answered and misuse attempts recorded as ``klm.key.usage_denied`` facts) → ONE HSM call
@@ -15,6 +20,7 @@ Successful uses are counted in memory and summarised per key and interval
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,11 +31,19 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 from faststream.middlewares import AckPolicy
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from klm_common.authorization import tenant_of_topic, tenant_request_topics
 from klm_common.envelope import CloudEvent, now
-from klm_common.errors import InfrastructureError, KlmError, RequestInvalid, UnknownRequestType
+from klm_common.errors import (
+    Forbidden,
+    InfrastructureError,
+    KlmError,
+    RequestInvalid,
+    UnknownRequestType,
+)
 from klm_common.events import REPLY_TOPIC_BASE, CryptoReply, parse_data
 from klm_common.kafka import DeadLetters, Inbound, split_batch, subscriber_options
 from klm_common.states import TERMINAL_STATES
+from klm_common.topics import CRYPTO_REQUESTS
 from klm_keygen.adapters.hsm_usage import (
     HsmOp,
     HsmOutcome,
@@ -63,6 +77,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 GROUP_ID = "klm-keygen-usage"
+#: its own group: members of one group subscribing to different topics rebalance both
+TENANT_GROUP_ID = "klm-keygen-usage-tenants"
 T = TypeVar("T")
 
 
@@ -134,6 +150,8 @@ class Pending:
     event: CloudEvent
     data: CryptoRequest
     operation: Operation
+    #: the tenant whose topic the request came from; None: the operators' shared topic
+    tenant: str | None = None
 
 
 async def handle_usage_batch(records: Sequence[ConsumerRecord[bytes, bytes]],
@@ -158,6 +176,9 @@ async def _handle(records: Sequence[ConsumerRecord[bytes, bytes]], deps: UsageDe
     granted: list[tuple[Pending, Grant, HsmOp]] = []
     for item in pending:
         try:
+            if item.tenant is not None and item.data.owner != item.tenant:
+                raise Forbidden(f"tenant {item.tenant!r} may use only its own keys, not "
+                                f"those of {item.data.owner!r}", tenant=item.tenant)
             grant = authorise(item.data, item.operation, keys.get(item.data.key_id))
             granted.append((item, grant, hsm_op(item, grant)))
         except KlmError as exc:
@@ -184,10 +205,13 @@ def _accept(inbound: Inbound, deps: UsageDeps, replies: list[tuple[str, CloudEve
     answered: it goes to the DLQ. Otherwise a bad payload is answered with its code."""
     event = inbound.event
     reply_to = event.data.get("reply_to")
-    if not isinstance(reply_to, str) or not reply_topic_allowed(reply_to, deps.reply_prefix):
+    tenant = tenant_of_topic(inbound.record.topic)
+    # a tenant's answers go to its own reply topics only (the ones its login may read)
+    allowed = deps.reply_prefix if tenant is None else f"{deps.reply_prefix}{tenant}-"
+    if not isinstance(reply_to, str) or not reply_topic_allowed(reply_to, allowed):
         letters.append(deps.dead_letters.letter(
             inbound.record, f"reply_to {str(reply_to)[:100]!r} is not a topic under "
-                            f"{deps.reply_prefix!r}"))
+                            f"{allowed!r}"))
         return None
     operation = OPERATION_OF.get(event.type)
     try:
@@ -197,7 +221,7 @@ def _accept(inbound: Inbound, deps: UsageDeps, replies: list[tuple[str, CloudEve
     except KlmError as exc:
         replies.append((reply_to, refusal(event, event.type, exc, event.subject)))
         return None
-    return Pending(event, data, operation)  # type: ignore[arg-type]
+    return Pending(event, data, operation, tenant)  # type: ignore[arg-type]
 
 
 def _refuse(item: Pending, error: KlmError, key: UsageKey | None,
@@ -338,27 +362,50 @@ def register(keygen: Keygen) -> None:
     options = {**subscriber_options(keygen.settings, GROUP_ID),  # group per namespace
                "fetch_min_bytes": settings.fetch_min_bytes,
                "fetch_max_wait_ms": settings.fetch_max_wait_ms}
+    tenant_options = {**options, **subscriber_options(keygen.settings, TENANT_GROUP_ID)}
+    pattern = tenant_request_topics(keygen.topics, CRYPTO_REQUESTS)
     if settings.pipeline_depth > 0:
-        _subscribe_pipelined(keygen, deps, options, settings.pipeline_depth)
+        _subscribe_pipelined(keygen, deps, options, settings.pipeline_depth,
+                             topic=keygen.topics.crypto_requests)
+        _subscribe_pipelined(keygen, deps, tenant_options, settings.pipeline_depth,
+                             pattern=pattern)
     else:  # one batch at a time: replies acknowledged and offsets committed before the next
 
         @keygen.broker.subscriber(keygen.topics.crypto_requests, **options)
         async def on_crypto_requests(records: list[Any]) -> None:
             await handle_usage_batch(records, deps)
 
-    task = asyncio.get_running_loop().create_task(
+        @keygen.broker.subscriber(pattern=pattern, **tenant_options)
+        async def on_tenant_crypto_requests(records: list[Any]) -> None:
+            await handle_usage_batch(records, deps)
+
+    timer = asyncio.get_running_loop().create_task(
         flush_usage_forever(deps, settings.summary_seconds), name="usage-summaries")
-    deps.tasks.add(task)
-    task.add_done_callback(deps.tasks.discard)
+    deps.tasks.add(timer)
+    timer.add_done_callback(deps.tasks.discard)
+
+    async def last_summary() -> None:
+        """The interval in progress is summarised at stop, not lost."""
+        timer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await timer
+        try:
+            await flush_usage(deps)
+        except InfrastructureError as exc:
+            log.warning("last usage summaries not stored at stop (%s)", exc)
+
+    keygen.on_stop.append(last_summary)
 
 
 def _subscribe_pipelined(keygen: Keygen, deps: UsageDeps, options: dict[str, Any],
-                         depth: int) -> None:
+                         depth: int, topic: str | None = None,
+                         pattern: str | None = None) -> None:
     """Batch *n+1* is fetched and served while batch *n*'s replies wait for their acks;
     offsets are committed once the replies of every batch up to them are acknowledged."""
     pipeline = BatchPipeline("usage", depth=depth, retry_delay=deps.retry_delay)
     keygen.pipelines.append(pipeline)
-    subscriber = keygen.broker.subscriber(keygen.topics.crypto_requests, **options,
+    where: dict[str, Any] = {"pattern": pattern} if pattern else {}
+    subscriber = keygen.broker.subscriber(*([topic] if topic else []), **where, **options,
                                           ack_policy=AckPolicy.MANUAL, listener=pipeline)
 
     @subscriber
