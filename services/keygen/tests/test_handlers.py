@@ -10,6 +10,7 @@ from aiokafka import ConsumerRecord
 from klm_common.envelope import CloudEvent, make_event
 from klm_common.errors import HsmUnavailable
 from klm_common.events import GenerateKey
+from klm_common.policy import CryptoPolicy, PolicySet, load_policy
 from klm_keygen.handlers.requests import Deps, handle_request_batch
 
 
@@ -97,3 +98,32 @@ async def test_request_whose_key_came_back_by_recovery_is_a_replay(deps: Deps) -
     await handle_request_batch([record(r.to_bytes(), 1)], deps)
     assert await deps.keystore.count_keys() == 1
     assert deps.keystore.outbox == []  # type: ignore[attr-defined]
+
+
+# ---- a generate request must name a loaded crypto policy (or none): rotation could not
+# govern a key whose policy it does not know
+DEFAULT = load_policy()
+SHORT = CryptoPolicy.model_validate({**DEFAULT.model_dump(mode="json"), "name": "short"})
+
+
+async def test_a_generate_naming_an_unknown_policy_is_rejected(deps: Deps) -> None:
+    deps.policies = PolicySet(DEFAULT, [SHORT])
+    named, default, unknown = request(policy="short"), request(), request(policy="nope")
+    await handle_request_batch([record(r.to_bytes(), i)
+                                for i, r in enumerate((named, default, unknown))], deps)
+    answers = {a.correlationid: a for a in deps.keystore.outbox}  # type: ignore[attr-defined]
+    assert answers[named.id].type == answers[default.id].type == "klm.key.generated"
+    assert answers[named.id].data["policy"] == "short"
+    rejected = answers[unknown.id]
+    assert rejected.type == "klm.request.rejected"
+    assert rejected.data["code"] == "policy_unknown"
+    assert deps.hsm.calls == [2]  # type: ignore[attr-defined]  # refused before the HSM
+
+
+async def test_a_profile_key_naming_an_unknown_policy_is_rejected_too(deps: Deps) -> None:
+    deps.policies = PolicySet(DEFAULT)
+    r = request(algorithm="EC", curve="P-256", profile="tls-server", policy="nope",
+                subject={"CN": "example.org"})
+    await handle_request_batch([record(r.to_bytes())], deps)
+    [answer] = deps.keystore.outbox  # type: ignore[attr-defined]
+    assert answer.data["code"] == "policy_unknown"
