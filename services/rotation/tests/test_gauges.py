@@ -6,18 +6,32 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from services.rotation.tests.factories import T0, fact, generated, key_id, later
-from services.rotation.tests.fakes import Clock, FakeInventory, record
+from services.rotation.tests.fakes import Clock, FakeDeadLetters, FakeInventory, record
 
 from klm_common import metrics as catalogue
 from klm_common.envelope import make_event
+from klm_common.policy import load_policy
 from klm_common.topics import Topics
 from klm_rotation.domain.inventory import InventoryFigures
-from klm_rotation.handlers import Deps, handle_facts, import_observed_key
+from klm_rotation.handlers import Deps, PolicyInForce, handle_facts, import_observed_key
 from klm_rotation.jobs import refresh_gauges
 from klm_rotation.metrics import inventory_readings
 
 TOPICS = Topics("t.")
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(T0)
+
+
+@pytest.fixture
+def deps(clock: Clock) -> Deps:
+    return Deps(inventory=FakeInventory(), policy=PolicyInForce(load_policy(), "default"),
+                topics=TOPICS, day_seconds=1.0, dead_letters=FakeDeadLetters(),  # type: ignore[arg-type]
+                clock=clock)
 
 
 async def feed(deps: Deps, *events: Any) -> None:

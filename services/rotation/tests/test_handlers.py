@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from services.rotation.tests.factories import T0, fact, generated, key_id, later, rotated
-from services.rotation.tests.fakes import Clock, FakeInventory, record
+from services.rotation.tests.fakes import Clock, FakeDeadLetters, FakeInventory, record
 
 from klm_common.envelope import make_event
 from klm_common.policy import PolicySet, load_policy
 from klm_common.topics import Topics
 from klm_rotation.handlers import (
     Deps,
+    PolicyInForce,
     apply_policies,
     dispatch_due,
     handle_facts,
@@ -20,6 +22,18 @@ from klm_rotation.handlers import (
 )
 
 TOPICS = Topics("t.")
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(T0)
+
+
+@pytest.fixture
+def deps(clock: Clock) -> Deps:
+    return Deps(inventory=FakeInventory(), policy=PolicyInForce(load_policy(), "default"),
+                topics=TOPICS, day_seconds=1.0, dead_letters=FakeDeadLetters(),  # type: ignore[arg-type]
+                clock=clock)
 
 
 def inv(deps: Deps) -> FakeInventory:

@@ -39,6 +39,11 @@ SET = PolicySet(DEFAULT, [short()], {"klm-default": "default.yaml", "short": "d/
 
 
 @pytest.fixture
+def clock() -> Clock:
+    return Clock(T0)
+
+
+@pytest.fixture
 def deps(clock: Clock) -> Deps:
     return Deps(inventory=FakeInventory(), policy=PolicyInForce(SET), topics=TOPICS,
                 day_seconds=1.0, dead_letters=FakeDeadLetters(),  # type: ignore[arg-type]
