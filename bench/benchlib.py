@@ -167,13 +167,6 @@ def kafka_login() -> dict[str, Any]:
     return stack_login()
 
 
-async def grant_prefix(prefix: str) -> None:
-    """On the secured stack, the service principals' ACLs for a namespace's topic prefix."""
-    from tests.integration.harness import allow_prefix
-
-    await asyncio.to_thread(allow_prefix, prefix)
-
-
 @dataclass
 class KlmNamespace:
     """Own topic prefix, fresh database (migrations applied) and SoftHSM token."""
@@ -183,8 +176,9 @@ class KlmNamespace:
     _folder: tempfile.TemporaryDirectory[str] | None = None
 
     async def create(self) -> KlmNamespace:
+        from tests.integration.harness import open_topics
+
         from klm_common.db import provision
-        from klm_common.kafka import ensure_topics
 
         base = stack_env()
         self._folder = tempfile.TemporaryDirectory(prefix=f"{self.name}-")
@@ -203,8 +197,7 @@ class KlmNamespace:
         await self._admin(f'CREATE DATABASE "{self.name}"', admin)
         settings = self.settings()
         await provision(settings)
-        await grant_prefix(settings.topic_prefix)
-        await ensure_topics(settings)
+        await open_topics(settings)
         return self
 
     def settings(self) -> Any:

@@ -42,15 +42,14 @@ sys.path.insert(0, str(REPO))  # the integration harness starts services as proc
 
 from tests.integration.harness import (  # noqa: E402
     ServiceProcess,
-    allow_prefix,
     local_stack_env,
+    open_topics,
     stack_login,
 )
 
 from klm_common.db import provision  # noqa: E402
 from klm_common.envelope import make_event  # noqa: E402
 from klm_common.events import GenerateKey  # noqa: E402
-from klm_common.kafka import ensure_topics  # noqa: E402
 from klm_common.settings import KlmSettings  # noqa: E402
 from klm_common.topics import Topics  # noqa: E402
 
@@ -98,8 +97,7 @@ async def create_namespace(stack: dict[str, str]) -> Namespace:
         topic_prefix=env["KLM_TOPIC_PREFIX"], hsm_module=env["KLM_HSM_MODULE"],
         hsm_token_label=name, hsm_pin_file=folder / "pin")
     await provision(settings)
-    await asyncio.to_thread(allow_prefix, settings.topic_prefix)
-    await ensure_topics(settings)
+    await open_topics(settings)
     return Namespace(name, env, settings, folder)
 
 

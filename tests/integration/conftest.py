@@ -26,15 +26,15 @@ import pytest
 import pytest_asyncio
 
 from klm_common.db import provision
-from klm_common.kafka import ensure_topics, kafka_security
+from klm_common.kafka import kafka_security
 from klm_common.settings import KlmSettings
 from klm_common.topics import Topics
 from tests.integration.harness import (
     EventLog,
     ServiceProcess,
-    allow_prefix,
     kafka_reachable,
     local_stack_env,
+    open_topics,
     pg_reachable,
 )
 
@@ -156,8 +156,7 @@ async def _create_namespace(admin_dsn: str, database: str, env: dict[str, str]) 
         await conn.close()
     settings = settings_for(env)
     await provision(settings)
-    await asyncio.to_thread(allow_prefix, settings.topic_prefix)  # secured stack: ACLs
-    await ensure_topics(settings)
+    await open_topics(settings)
 
 
 async def _drop_database(admin_dsn: str, database: str) -> None:

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from klm_common.envelope import CloudEvent, EnvelopeInvalid, parse_envelope
-from klm_common.kafka import kafka_security
+from klm_common.kafka import ensure_topics, kafka_security
 from klm_common.settings import KlmSettings
 
 SERVICE_PORT_ENV = {"keygen": "KLM_KEYGEN_PORT", "rotation": "KLM_ROTATION_PORT",
@@ -135,17 +135,19 @@ class ServiceProcess:
 STACK = Path(__file__).resolve().parents[2] / "infra" / "stack.sh"
 
 
-def allow_prefix(prefix: str) -> None:
-    """On the secured stack, give every service principal its ACLs on the topics and
-    groups of ``prefix`` (``infra/stack.sh kafka-acls``): each namespace of its own (a test
-    module's, a benchmark's) needs them, as production names got theirs at ``make up``."""
-    if KlmSettings().kafka_security != "sasl":
-        return
-    done = subprocess.run([str(STACK), "kafka-acls", prefix], capture_output=True, text=True,
-                          timeout=300, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"infra/stack.sh kafka-acls {prefix} failed:\n"
-                           f"{done.stdout}{done.stderr}")
+async def open_topics(settings: KlmSettings) -> None:
+    """The Kafka side of a namespace of one's own (a test module's, a benchmark's), as the
+    stack's admin: on the secured stack the service principals' ACLs for its topic prefix
+    (``infra/stack.sh kafka-acls``, as production names got theirs at ``make up``), then its
+    topics (services may not create topics)."""
+    if settings.kafka_security == "sasl":
+        done = await asyncio.to_thread(
+            subprocess.run, [str(STACK), "kafka-acls", settings.topic_prefix],
+            capture_output=True, text=True, timeout=300, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"infra/stack.sh kafka-acls {settings.topic_prefix} failed:\n"
+                               f"{done.stdout}{done.stderr}")
+    await ensure_topics(settings)
 
 
 def stack_login() -> dict[str, Any]:

@@ -26,11 +26,10 @@ from opentelemetry.trace import SpanKind, set_span_in_context
 
 from klm_common.envelope import CloudEvent, make_event
 from klm_common.events import GenerateKey
-from klm_common.kafka import ensure_topics
 from klm_common.metrics import prometheus_names
 from klm_common.settings import KlmSettings
 from klm_common.topics import Topics
-from tests.integration.harness import EventLog, ServiceProcess, allow_prefix, publish, stack_login
+from tests.integration.harness import EventLog, ServiceProcess, open_topics, publish, stack_login
 from tests.integration.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -46,8 +45,7 @@ def receiver() -> Iterator[OtlpReceiver]:
 @pytest.fixture(scope="module")
 def obs_topics(namespace: str, settings: KlmSettings) -> Topics:
     prefix = f"{namespace}.obs."
-    allow_prefix(prefix)  # the secured stack's ACLs for our topics
-    asyncio.run(ensure_topics(settings.model_copy(update={"topic_prefix": prefix})))
+    asyncio.run(open_topics(settings.model_copy(update={"topic_prefix": prefix})))
     return Topics(prefix)
 
 

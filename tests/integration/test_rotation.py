@@ -29,11 +29,10 @@ import yaml
 
 from klm_common.db import provision
 from klm_common.envelope import CloudEvent, make_event
-from klm_common.kafka import ensure_topics
 from klm_common.policy import load_policy
 from klm_common.settings import KlmSettings
 from klm_common.topics import Topics
-from tests.integration.harness import EventLog, ServiceProcess, allow_prefix, publish
+from tests.integration.harness import EventLog, ServiceProcess, open_topics, publish
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -67,8 +66,7 @@ async def namespace_env(klm_env: dict[str, str]) -> AsyncIterator[dict[str, str]
         await admin.close()
     ours = own_settings(settings, name)
     await provision(ours)
-    await asyncio.to_thread(allow_prefix, ours.topic_prefix)  # secured stack: ACLs
-    await ensure_topics(ours)
+    await open_topics(ours)
     yield {"KLM_TOPIC_PREFIX": ours.topic_prefix, "KLM_PG_DSN": ours.pg_dsn,
            "KLM_PG_ADMIN_DSN": ours.admin_dsn()}
     admin = await asyncpg.connect(settings.admin_dsn())

@@ -26,11 +26,10 @@ from klm_common.events import (
     ScheduleDestruction,
     SuspendKey,
 )
-from klm_common.kafka import ensure_topics
 from klm_common.settings import KlmSettings
 from klm_common.topics import Topics
 from tests.integration.conftest import REPO, settings_for
-from tests.integration.harness import EventLog, ServiceProcess, allow_prefix, publish
+from tests.integration.harness import EventLog, ServiceProcess, open_topics, publish
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 OWNER = "usage-tests"
@@ -45,9 +44,8 @@ DAY_SECONDS = "0.2"
 @pytest.fixture(scope="module")
 def settings(klm_env: dict[str, str]) -> KlmSettings:
     prefix = klm_env["KLM_TOPIC_PREFIX"] + "usage."
-    allow_prefix(prefix)  # the secured stack's ACLs for our topics
     settings = settings_for({**klm_env, "KLM_TOPIC_PREFIX": prefix})
-    asyncio.run(ensure_topics(settings))  # as admin: services may not create topics
+    asyncio.run(open_topics(settings))
     return settings
 
 
