@@ -142,7 +142,7 @@ def machine(load_before: tuple[float, float, float], server: str) -> str:
             f"start, {load_after[0]:.1f} at end (1-minute, {os.cpu_count()} CPUs)")
 
 
-async def main(total: int, ingest_n: int, batch: int) -> None:
+async def main(total: int, ingest_n: int, batch: int, write: bool = True) -> None:
     load_before = os.getloadavg()
     settings = KlmSettings()
     name = f"bench_audit_{uuid.uuid4().hex[:8]}"
@@ -209,10 +209,11 @@ async def main(total: int, ingest_n: int, batch: int) -> None:
                "ingest ≥ 50 % of raw": ingest_rate >= raw_rate / 2,
                "history p99 ≤ 5 ms": p99 <= 5, "verification ≥ 300,000 events/s":
                verify_rate >= 300_000}
-        write_section("Audit", f"{provenance()}- {facts}\n\n{MEASURES}\n\n{table}\n\n"
-                               f"Targets in this run: " + "; ".join(
-                                   f"{name}: {'met' if ok else 'NOT met'}"
-                                   for name, ok in met.items()) + f".\n\n{HOW}")
+        if write:
+            write_section("Audit", f"{provenance()}- {facts}\n\n{MEASURES}\n\n{table}\n\n"
+                                   f"Targets in this run: " + "; ".join(
+                                       f"{name}: {'met' if ok else 'NOT met'}"
+                                       for name, ok in met.items()) + f".\n\n{HOW}")
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
@@ -223,5 +224,8 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--ingest", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--no-write", action="store_true",
+                        help="print the table only; leave docs/benchmarks.md alone")
     args = parser.parse_args()
-    asyncio.run(main(args.events, min(args.ingest, args.events), args.batch))
+    asyncio.run(main(args.events, min(args.ingest, args.events), args.batch,
+                     write=not args.no_write))
