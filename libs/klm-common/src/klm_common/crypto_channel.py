@@ -136,7 +136,7 @@ class CryptoChannel:
         # many concurrent calls share one producer: big batches keep the idempotent
         # producer (one request in flight per partition) from queueing behind a 16 KiB batch
         self._producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
-                                          enable_idempotence=True, acks="all", linger_ms=1,
+                                          enable_idempotence=True, acks="all", linger_ms=0,
                                           max_batch_size=1024 * 1024,
                                           partitioner=CachedPartitioner(),
                                           **kafka_security(settings))

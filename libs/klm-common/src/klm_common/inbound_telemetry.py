@@ -20,9 +20,9 @@ from __future__ import annotations
 import contextvars
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import ConsumerRecord, TopicPartition
 from faststream import BaseMiddleware
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 #: inbound event types that are requests (answered once, counted in ``klm.requests``)
 REQUEST_PREFIXES = ("klm.request.", "klm.command.", "klm.crypto.")
 _TRACER = "klm.inbound"
+T = TypeVar("T")
 
 
 class _HeaderGetter(Getter[Sequence[tuple[str, bytes]]]):
@@ -150,29 +151,36 @@ class InboundTelemetry(BaseMiddleware):
     """Broker middleware: per-record spans, request outcomes, latency and lag."""
 
     async def consume_scope(self, call_next: Any, msg: Any) -> Any:
-        """Telemetry never decides a batch's fate: its own failures are logged, not raised."""
         raw = msg.raw_message
         records: Sequence[ConsumerRecord[bytes, bytes]] = (
             raw if isinstance(raw, tuple | list) else (raw,))
-        try:
-            batch = _open(records)
-        except Exception:
-            log.exception("inbound telemetry: cannot observe this batch")
-            return await call_next(msg)
-        token = _current.set(batch)
-        try:
-            result = await call_next(msg)
-        except BaseException as exc:
-            _safely(_close, batch, exc)
-            raise
-        finally:
-            _current.reset(token)
-        consumer = getattr(msg, "consumer", None)
-        if batch.until is not None and not batch.until.done():
-            batch.until.add_done_callback(lambda _: _finish(batch, consumer, records))
-        else:
-            _finish(batch, consumer, records)
-        return result
+        return await observed(records, getattr(msg, "consumer", None), lambda: call_next(msg))
+
+
+async def observed(records: Sequence[ConsumerRecord[bytes, bytes]], consumer: Any,
+                   handle: Callable[[], Awaitable[T]]) -> T:
+    """Run ``handle()`` (the batch's handler) with ``records`` observed: the middleware's
+    work, also called by consumers that bypass FastStream (keygen's
+    :class:`~klm_keygen.handlers.pipeline.PipelinedConsumer`). Telemetry never decides a
+    batch's fate: its own failures are logged, not raised."""
+    try:
+        batch = _open(records)
+    except Exception:
+        log.exception("inbound telemetry: cannot observe this batch")
+        return await handle()
+    token = _current.set(batch)
+    try:
+        result = await handle()
+    except BaseException as exc:
+        _safely(_close, batch, exc)
+        raise
+    finally:
+        _current.reset(token)
+    if batch.until is not None and not batch.until.done():
+        batch.until.add_done_callback(lambda _: _finish(batch, consumer, records))
+    else:
+        _finish(batch, consumer, records)
+    return result
 
 
 def _finish(batch: BatchObservation, consumer: Any,

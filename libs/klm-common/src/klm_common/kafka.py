@@ -87,7 +87,7 @@ def make_broker(settings: KlmSettings, client_id: str, **kwargs: Any) -> KafkaBr
         client_id=client_id,
         enable_idempotence=True,
         acks="all",
-        linger_ms=2,
+        linger_ms=0,
         ack_policy=AckPolicy.NACK_ON_ERROR,
         graceful_timeout=15.0,
         # FastStream's span per batch (links its records), then KLM's span per record (a
@@ -129,7 +129,7 @@ def make_producer(settings: KlmSettings, client_id: str, **options: Any) -> AIOK
         client_id=client_id,
         enable_idempotence=True,
         acks="all",
-        linger_ms=2,
+        linger_ms=0,
         max_batch_size=256 * 1024,
         request_timeout_ms=30000,
         **kafka_security(settings, principal_for(client_id)),

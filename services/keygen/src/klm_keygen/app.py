@@ -1,4 +1,5 @@
-"""The keygen process: FastStream subscribers + outbox relay + health, under one lifespan."""
+"""The keygen process: the hot topics' consumers, FastStream subscribers, the outbox relay
+and health, under one lifespan."""
 
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ async def _start_consuming(keygen: Keygen) -> None:
     await _open_hsm_until_ready(keygen)
     await _sweep_orphans(keygen)
     await keygen.broker.start()
+    for consumer in keygen.consumers:
+        await consumer.start()
     log.info("keygen ready: consuming %s", keygen.topics.requests)
 
 
@@ -86,8 +89,8 @@ def create_app(settings: KlmSettings | None = None) -> Starlette:
             starting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
-            for pipeline in keygen.pipelines:  # answers in flight are sent and committed
-                await pipeline.close()
+            for consumer in keygen.consumers:  # answers in flight are sent and committed
+                await consumer.stop()
             await keygen.broker.stop()
             for last_words in keygen.on_stop:  # nothing is served any more
                 await last_words()

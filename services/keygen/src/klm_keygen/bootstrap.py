@@ -22,7 +22,7 @@ from klm_common.topics import Topics
 from klm_keygen.adapters.certificate_requests import CertificateRequests
 from klm_keygen.adapters.hsm import Pkcs11Hsm
 from klm_keygen.adapters.keystore import PgKeystore
-from klm_keygen.handlers.pipeline import BatchPipeline
+from klm_keygen.handlers.pipeline import PipelinedConsumer
 from klm_keygen.handlers.requests import Deps
 
 
@@ -36,8 +36,9 @@ class Keygen:
     hsm: Pkcs11Hsm
     relay: OutboxRelay
     deps: Deps
-    #: pipelined subscribers (handlers/pipeline.py), drained before the broker stops
-    pipelines: list[BatchPipeline] = field(default_factory=list)
+    #: the hot topics' consumers (handlers/pipeline.py): started once the HSM is open,
+    #: drained (answers in flight sent and committed) and stopped before the broker stops
+    consumers: list[PipelinedConsumer] = field(default_factory=list)
     #: last words of the areas (e.g. the usage summary of the interval in progress), said
     #: once nothing is consumed any more, while Postgres and the outbox relay still run
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)

@@ -32,10 +32,15 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.errors import ConsumerStoppedError, KafkaError
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
-from klm_common import inbound_telemetry
+from klm_common import inbound_telemetry, telemetry
 from klm_common.errors import KlmError
+from klm_common.kafka import kafka_security, principal_for
+from klm_common.settings import KlmSettings
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +87,7 @@ def _span(records: Iterable[ConsumerRecord[bytes, bytes]]
     return first, after
 
 
-class BatchPipeline:
+class BatchPipeline(ConsumerRebalanceListener):  # type: ignore[misc]
     """Serves the batches of ONE consumer with up to ``depth`` of them in flight; also its
     rebalance listener (pass it as the subscriber's ``listener``)."""
 
@@ -251,3 +256,88 @@ class BatchPipeline:
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self._expect.clear()  # positions now come from the committed offsets
+
+
+class PipelinedConsumer:
+    """A pipelined subscriber on a plain aiokafka consumer, for keygen's hot topics
+    (``klm.requests`` and ``klm.crypto.requests``, each also per tenant by pattern).
+
+    FastStream's batch subscriber polls: ``getmany`` for ``batch_timeout_ms`` then, when
+    nothing came, sleeps as long again — up to 5 ms added to a request that arrives in the
+    sleep, and some 100 wake-ups a second per idle subscriber; its consume path and
+    middlewares were ~27 % of keygen's CPU serving small batches (docs/benchmarks.md). Here
+    ``getmany`` simply waits until records arrive, and a batch goes straight to its
+    :class:`BatchPipeline` (also the rebalance listener) under KLM's inbound telemetry
+    (per-record spans continuing each record's trace, request metrics, lag). Offsets are
+    committed by the pipeline only (no auto-commit), so the delivery rules above hold."""
+
+    def __init__(self, name: str, settings: KlmSettings, group_id: str,
+                 serve: Callable[[Sequence[ConsumerRecord[bytes, bytes]]], Serve], *,
+                 topic: str | None = None, pattern: str | None = None, depth: int = 4,
+                 retry_delay: float = 1.0, client_id: str = "klm-keygen") -> None:
+        if (topic is None) == (pattern is None):
+            raise ValueError("a PipelinedConsumer reads one topic or one pattern")
+        self.name = name
+        self.pipeline = BatchPipeline(name, depth=depth, retry_delay=retry_delay)
+        self._serve = serve
+        self._topic, self._pattern = topic, pattern
+        self._max_records = settings.batch_max_records
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap, client_id=client_id,
+            group_id=f"{settings.topic_prefix}{group_id}",  # per namespace: see kafka.py
+            enable_auto_commit=False, auto_offset_reset="earliest",
+            session_timeout_ms=30000, heartbeat_interval_ms=3000,
+            max_poll_interval_ms=300000,
+            **kafka_security(settings, principal_for(client_id)))
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._topic is not None:
+            self._consumer.subscribe([self._topic], listener=self.pipeline)
+        else:
+            self._consumer.subscribe(pattern=self._pattern, listener=self.pipeline)
+        await self._consumer.start()
+        self._task = asyncio.get_running_loop().create_task(self._run(),
+                                                           name=f"{self.name}-consumer")
+
+    async def stop(self) -> None:
+        """Serve nothing new, send and commit what is in flight, then leave the group."""
+        await self.pipeline.close()
+        if self._task is None:  # never started (the HSM never opened)
+            return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self._consumer.stop()
+
+    async def _run(self) -> None:
+        tracer = trace.get_tracer("klm.inbound")
+        while True:
+            try:
+                fetched = await self._consumer.getmany(timeout_ms=1000,
+                                                       max_records=self._max_records)
+            except ConsumerStoppedError:
+                return
+            except KafkaError as exc:  # aiokafka reconnects by itself; try again shortly
+                log.warning("%s: fetch failed (%s); retrying", self.name, exc)
+                await asyncio.sleep(1.0)
+                continue
+            records = [record for batch in fetched.values() for record in batch]
+            if not records:
+                continue
+            if not telemetry.exports_spans():
+                await self._submit(records)
+                continue
+            # named and shaped like FastStream's batch span, which the other services keep
+            with tracer.start_as_current_span(
+                    f"{records[0].topic} process", kind=SpanKind.CONSUMER,
+                    attributes={"messaging.system": "kafka",
+                                "messaging.operation": "process",
+                                "messaging.destination.name": records[0].topic,
+                                "messaging.batch.message_count": len(records)}):
+                await self._submit(records)
+
+    async def _submit(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+        await inbound_telemetry.observed(
+            records, self._consumer,
+            lambda: self.pipeline.submit(self._consumer, records, self._serve(records)))

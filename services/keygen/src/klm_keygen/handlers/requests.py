@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiokafka import ConsumerRecord
-from faststream.middlewares import AckPolicy
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from klm_common.authorization import tenant_request_topics
@@ -28,7 +28,6 @@ from klm_common.events import (
     ScheduleDestruction,
     SuspendKey,
 )
-from klm_common.kafka import subscriber_options
 from klm_keygen.domain import lifecycle
 from klm_keygen.domain.lifecycle import Outcome, RotationPlan
 from klm_keygen.domain.material import GeneratedVersion
@@ -42,7 +41,7 @@ from klm_keygen.handlers.batch import (
     handle_batch,
     serve_batch,
 )
-from klm_keygen.handlers.pipeline import BatchPipeline
+from klm_keygen.handlers.pipeline import PipelinedConsumer, Serve
 
 if TYPE_CHECKING:
     from klm_keygen.bootstrap import Keygen
@@ -122,48 +121,26 @@ async def handle_request_batch(records: Sequence[ConsumerRecord[bytes, bytes]],
 
 class RequestSettings(BaseSettings):
     """``KLM_REQUESTS_PIPELINE_DEPTH``: batches of ``klm.requests`` served at once (see
-    :mod:`.pipeline`); 0: one at a time, offsets committed before the next is fetched."""
+    :mod:`.pipeline`); 1: one at a time, offsets committed before the next is served."""
 
     model_config = SettingsConfigDict(env_prefix="KLM_REQUESTS_", extra="ignore")
-    pipeline_depth: int = 3
+    pipeline_depth: int = Field(3, ge=1)
 
 
 def register(keygen: Keygen) -> None:
-    """Subscribe the ``klm.requests`` batch handler, and the same handler on every tenant's
-    ``klm.requests.<tenant>`` (by pattern; the tenant follows from the topic, see
-    :mod:`klm_common.authorization`)."""
+    """Consume ``klm.requests``, and every tenant's ``klm.requests.<tenant>`` by pattern
+    (the tenant follows from the topic, see :mod:`klm_common.authorization`), each with a
+    :class:`PipelinedConsumer`: the next batch's keys are generated while this one's
+    transaction commits; transactions stay in order; offsets are committed once durable."""
     depth = RequestSettings().pipeline_depth
-    for name, where, group in (
-            ("requests", {"topic": keygen.topics.requests}, GROUP_ID),
-            ("tenant-requests", {"pattern": tenant_request_topics(keygen.topics)},
-             TENANT_GROUP_ID)):
-        options = {**subscriber_options(keygen.settings, group), **where}
-        if depth > 0:
-            _subscribe_pipelined(keygen, name, options, depth)
-        else:
-            _subscribe(keygen, options)
 
+    def serve(records: Sequence[ConsumerRecord[bytes, bytes]]) -> Serve:
+        return lambda turn: serve_batch(records, keygen.deps, ROUTES, turn)
 
-def _subscribe(keygen: Keygen, options: dict[str, Any]) -> None:
-    """One batch at a time: committed, offsets included, before the next is fetched."""
-    topic = options.pop("topic", None)
-
-    @keygen.broker.subscriber(*([topic] if topic else []), **options)
-    async def on_requests(records: list[Any]) -> None:
-        await handle_request_batch(records, keygen.deps)
-
-
-def _subscribe_pipelined(keygen: Keygen, name: str, options: dict[str, Any],
-                         depth: int) -> None:
-    """The next batch's keys are generated while this one's transaction commits; its
-    transaction follows this one's; offsets are committed once both are durable."""
-    pipeline = BatchPipeline(name, depth=depth, retry_delay=keygen.deps.retry_delay)
-    keygen.pipelines.append(pipeline)
-    topic = options.pop("topic", None)
-    subscriber = keygen.broker.subscriber(*([topic] if topic else []), **options,
-                                          ack_policy=AckPolicy.MANUAL, listener=pipeline)
-
-    @subscriber
-    async def on_requests(records: list[Any]) -> None:
-        await pipeline.submit(subscriber.consumer, records,
-                              lambda turn: serve_batch(records, keygen.deps, ROUTES, turn))
+    keygen.consumers += [
+        PipelinedConsumer("requests", keygen.settings, GROUP_ID, serve,
+                          topic=keygen.topics.requests, depth=depth,
+                          retry_delay=keygen.deps.retry_delay),
+        PipelinedConsumer("tenant-requests", keygen.settings, TENANT_GROUP_ID, serve,
+                          pattern=tenant_request_topics(keygen.topics), depth=depth,
+                          retry_delay=keygen.deps.retry_delay)]

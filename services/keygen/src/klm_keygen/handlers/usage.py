@@ -28,7 +28,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
-from faststream.middlewares import AckPolicy
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from klm_common.authorization import tenant_of_topic, tenant_request_topics
@@ -41,7 +41,7 @@ from klm_common.errors import (
     UnknownRequestType,
 )
 from klm_common.events import REPLY_TOPIC_BASE, CryptoReply, parse_data
-from klm_common.kafka import DeadLetters, Inbound, split_batch, subscriber_options
+from klm_common.kafka import DeadLetters, Inbound, split_batch
 from klm_common.states import TERMINAL_STATES
 from klm_common.topics import CRYPTO_REQUESTS
 from klm_keygen.adapters.hsm_usage import (
@@ -70,7 +70,7 @@ from klm_keygen.domain.usage import (
     reply_topic_allowed,
     summary_event,
 )
-from klm_keygen.handlers.pipeline import BatchPipeline
+from klm_keygen.handlers.pipeline import PipelinedConsumer, Serve
 
 if TYPE_CHECKING:
     from klm_keygen.bootstrap import Keygen
@@ -93,14 +93,8 @@ class UsageSettings(BaseSettings):
     #: how long a key record may be served from memory (0: read Postgres every batch)
     key_cache_seconds: float = 2.0
     #: batches served at once: the next is fetched and served while earlier replies wait
-    #: for their acks and offsets are committed (see :mod:`.pipeline`); 0: one at a time
-    pipeline_depth: int = 4
-    #: the broker answers a fetch once this many bytes wait or ``fetch_max_wait_ms``
-    #: passed: a few ms of waiting make batches of several requests at moderate load,
-    #: whose per-batch cost (FastStream, telemetry, HSM thread hop, produce request) is
-    #: then shared
-    fetch_min_bytes: int = 1
-    fetch_max_wait_ms: int = 500
+    #: for their acks and offsets are committed (see :mod:`.pipeline`); 1: one at a time
+    pipeline_depth: int = Field(4, ge=1)
 
 
 class HsmRunner(Protocol):
@@ -152,17 +146,6 @@ class Pending:
     operation: Operation
     #: the tenant whose topic the request came from; None: the operators' shared topic
     tenant: str | None = None
-
-
-async def handle_usage_batch(records: Sequence[ConsumerRecord[bytes, bytes]],
-                             deps: UsageDeps) -> None:
-    """Serve one batch of ``klm.crypto.requests``; raise to have it redelivered."""
-    try:
-        await _handle(records, deps)
-    except InfrastructureError as exc:
-        log.warning("usage batch not served (%s); it will be redelivered", exc)
-        await asyncio.sleep(deps.retry_delay)
-        raise
 
 
 async def _handle(records: Sequence[ConsumerRecord[bytes, bytes]], deps: UsageDeps) -> None:
@@ -355,30 +338,23 @@ def usage_deps(keygen: Keygen, settings: UsageSettings) -> UsageDeps:
 
 
 def register(keygen: Keygen) -> None:
-    """Subscribe the ``klm.crypto.requests`` batch handler (pipelined: see
-    :mod:`.pipeline`) and start the summary timer."""
+    """Consume ``klm.crypto.requests`` and every tenant's ``klm.crypto.requests.<tenant>``
+    (by pattern) with a :class:`PipelinedConsumer` each — batch *n+1* is served while batch
+    *n*'s replies wait for their acks; offsets are committed once the replies of every batch
+    up to them are acknowledged — and start the summary timer."""
     settings = UsageSettings()
     deps = usage_deps(keygen, settings)
-    options = {**subscriber_options(keygen.settings, GROUP_ID),  # group per namespace
-               "fetch_min_bytes": settings.fetch_min_bytes,
-               "fetch_max_wait_ms": settings.fetch_max_wait_ms}
-    tenant_options = {**options, **subscriber_options(keygen.settings, TENANT_GROUP_ID)}
-    pattern = tenant_request_topics(keygen.topics, CRYPTO_REQUESTS)
-    if settings.pipeline_depth > 0:
-        _subscribe_pipelined(keygen, deps, options, settings.pipeline_depth,
-                             topic=keygen.topics.crypto_requests)
-        _subscribe_pipelined(keygen, deps, tenant_options, settings.pipeline_depth,
-                             pattern=pattern)
-    else:  # one batch at a time: replies acknowledged and offsets committed before the next
 
-        @keygen.broker.subscriber(keygen.topics.crypto_requests, **options)
-        async def on_crypto_requests(records: list[Any]) -> None:
-            await handle_usage_batch(records, deps)
+    def serve(records: Sequence[ConsumerRecord[bytes, bytes]]) -> Serve:
+        return lambda _: _handle(records, deps)
 
-        @keygen.broker.subscriber(pattern=pattern, **tenant_options)
-        async def on_tenant_crypto_requests(records: list[Any]) -> None:
-            await handle_usage_batch(records, deps)
-
+    keygen.consumers += [
+        PipelinedConsumer("usage", keygen.settings, GROUP_ID, serve,
+                          topic=keygen.topics.crypto_requests, depth=settings.pipeline_depth,
+                          retry_delay=deps.retry_delay),
+        PipelinedConsumer("tenant-usage", keygen.settings, TENANT_GROUP_ID, serve,
+                          pattern=tenant_request_topics(keygen.topics, CRYPTO_REQUESTS),
+                          depth=settings.pipeline_depth, retry_delay=deps.retry_delay)]
     timer = asyncio.get_running_loop().create_task(
         flush_usage_forever(deps, settings.summary_seconds), name="usage-summaries")
     deps.tasks.add(timer)
@@ -395,19 +371,3 @@ def register(keygen: Keygen) -> None:
             log.warning("last usage summaries not stored at stop (%s)", exc)
 
     keygen.on_stop.append(last_summary)
-
-
-def _subscribe_pipelined(keygen: Keygen, deps: UsageDeps, options: dict[str, Any],
-                         depth: int, topic: str | None = None,
-                         pattern: str | None = None) -> None:
-    """Batch *n+1* is fetched and served while batch *n*'s replies wait for their acks;
-    offsets are committed once the replies of every batch up to them are acknowledged."""
-    pipeline = BatchPipeline("usage", depth=depth, retry_delay=deps.retry_delay)
-    keygen.pipelines.append(pipeline)
-    where: dict[str, Any] = {"pattern": pattern} if pattern else {}
-    subscriber = keygen.broker.subscriber(*([topic] if topic else []), **where, **options,
-                                          ack_policy=AckPolicy.MANUAL, listener=pipeline)
-
-    @subscriber
-    async def on_crypto_requests(records: list[Any]) -> None:
-        await pipeline.submit(subscriber.consumer, records, lambda _: _handle(records, deps))
