@@ -16,6 +16,7 @@ from klm_audit.domain.hash_chain import (
     ChainVerifier,
     Link,
     NotCanonicalisable,
+    SegmentStream,
     canonical_json,
     canonicalise_received,
     copy_rows,
@@ -98,13 +99,30 @@ def joined(links: list[Link], size: int) -> ChainVerifier:
     return verifier
 
 
+def streamed(links: list[Link], size: int, piece: int) -> ChainVerifier:
+    """Ranges of ``size`` sequences, each fed to a :class:`SegmentStream` in pieces of
+    ``piece`` bytes (rows cut anywhere, as socket reads cut them), then joined."""
+    verifier, upto = ChainVerifier(), max((k.sequence for k in links), default=0)
+    for after in range(0, upto, size):
+        copied = copy_rows(rows([k for k in links if after < k.sequence <= after + size]))
+        stream = SegmentStream(after)
+        for start in range(0, len(copied), piece):
+            stream.feed(copied[start:start + piece])
+        if not verifier.join(stream.finish()):
+            break
+    return verifier
+
+
 def verify(links: list[Link]) -> ChainVerifier:
-    """Through every entry point: links, the binary COPY the Postgres store sends, and that
-    COPY split into ranges verified apart and joined; all must give the same answer."""
+    """Through every entry point: links, the binary COPY the Postgres store sends, that
+    COPY split into ranges verified apart and joined, and those ranges streamed in pieces;
+    all must give the same answer."""
     verifier, copied = ChainVerifier(), ChainVerifier()
     verifier.feed(links)
     copied.feed_copy(copy_rows(rows(links)))
-    for result in (copied, *(joined(links, size) for size in (1, 2, 3, 4, 7))):
+    for result in (copied, *(joined(links, size) for size in (1, 2, 3, 4, 7)),
+                   *(streamed(links, size, piece) for size in (3, 10)
+                     for piece in (1, 5, 19, 64, 10_000))):
         assert (result.head_sequence, result.head_hash, result.checked) == \
             (verifier.head_sequence, verifier.head_hash, verifier.checked)
         assert _named(result) == _named(verifier)
@@ -195,3 +213,21 @@ def test_a_hash_field_of_the_wrong_length_does_not_hold() -> None:
     links[4] = Link(5, links[4].prev_hash, links[4].hash + b"\x00", links[4].canonical)
     broken = verify(links).broken
     assert broken is not None and broken.sequence == 5
+
+
+def test_a_short_hash_field_does_not_hold_anywhere_in_the_chain() -> None:
+    for at in (2, 6):
+        links = chain(6)
+        links[at - 1] = Link(at, links[at - 1].prev_hash, links[at - 1].hash[:31],
+                             links[at - 1].canonical)
+        broken = verify(links).broken
+        assert broken is not None and broken.sequence == at
+
+
+def test_a_stream_cut_short_is_refused() -> None:
+    copied = copy_rows(rows(chain(3)))
+    for cut in (5, 30, len(copied) - 1):
+        stream = SegmentStream(0)
+        stream.feed(copied[:cut])
+        with pytest.raises(ValueError, match="not a complete"):
+            stream.finish()

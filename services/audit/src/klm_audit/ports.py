@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
@@ -16,10 +16,12 @@ from klm_audit.domain.queries import EventFilter, KeyFilter, Scope
 
 
 class ChainSource(Protocol):
-    """Reads chain ranges (binary COPY layout, :func:`~klm_audit.domain.hash_chain.copy_rows`)
+    """Streams chain ranges (binary COPY layout, :func:`~klm_audit.domain.hash_chain.copy_rows`)
     from inside a worker process: picklable, it opens its own connection there."""
 
-    def read(self, after: int, upto: int) -> bytes: ...
+    def stream(self, after: int, upto: int, sink: Callable[[bytes], None]) -> None:
+        """Hand the range ``after < sequence <= upto`` to ``sink`` piece by piece, as it
+        arrives (pieces of any size; the last one ends with the trailer)."""
 
 
 class AppendConflict(Exception):

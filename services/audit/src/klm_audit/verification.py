@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 from typing import TypedDict
 
 from klm_audit.domain.checkpoints import Checkpoint, check_checkpoints
-from klm_audit.domain.hash_chain import ChainSegment, ChainVerifier, verify_segment
+from klm_audit.domain.hash_chain import (
+    ChainSegment,
+    ChainVerifier,
+    SegmentStream,
+    verify_segment,
+)
 from klm_audit.ports import AuditStore, ChainSource
 from klm_common import metrics as klm_metrics
 
@@ -113,8 +118,10 @@ async def _walk(store: AuditStore, verifier: ChainVerifier, upto: int, chunk: in
 
 def _verify_range(source: ChainSource, after: int, upto: int, watch: frozenset[int]
                   ) -> ChainSegment:
-    """In a worker process: read one range and verify it on its own."""
-    return verify_segment(after, source.read(after, upto), watch)
+    """In a worker process: verify one range on its own, hashing it as it arrives."""
+    stream = SegmentStream(after, watch)
+    source.stream(after, upto, stream.feed)
+    return stream.finish()
 
 
 @asynccontextmanager

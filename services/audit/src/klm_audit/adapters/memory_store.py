@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -62,8 +62,14 @@ class MemoryAppendTx:
 class MemoryChainSource:
     rows: tuple[ChainRow, ...]
 
-    def read(self, after: int, upto: int) -> bytes:
-        return copy_rows(r for r in self.rows if after < r[0] <= upto)
+    #: bytes per piece handed to the sink: small, so rows are cut across pieces as over a
+    #: socket
+    piece: int = 1000
+
+    def stream(self, after: int, upto: int, sink: Callable[[bytes], None]) -> None:
+        copied = copy_rows(r for r in self.rows if after < r[0] <= upto)
+        for start in range(0, len(copied), self.piece):
+            sink(copied[start:start + self.piece])
 
 
 class MemoryAuditStore:

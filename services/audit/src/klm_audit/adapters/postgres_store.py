@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -183,9 +183,16 @@ class PgChainSource:
     dsn: str = field(repr=False)
     schema: str = "audit"
 
-    def read(self, after: int, upto: int) -> bytes:
+    def stream(self, after: int, upto: int, sink: Callable[[bytes], None]) -> None:
+        """Each piece goes to ``sink`` as the driver receives it (hashed there, while the
+        server sends the next): read whole first, a range came in ~30 KiB socket reads."""
         loop, conn = _worker_connection(self)
-        return loop.run_until_complete(_copy_chain(conn, after, upto))
+
+        async def received(piece: bytes) -> None:
+            sink(piece)
+
+        loop.run_until_complete(conn.copy_from_query(_CHAIN_COPY, after, upto,
+                                                     output=received, format="binary"))
 
 
 #: per worker process: its event loop and connection, per source

@@ -155,28 +155,42 @@ class ChainVerifier:
         if self.broken is not None:
             return False
         offset, end = copy_span(copied)
+        offset = self.feed_copied(copied, offset, end)
+        if self.broken is None and offset < end:  # a last row that is not a whole link
+            self._break_at(copied, offset)
+        return self.broken is None
+
+    def feed_copied(self, data: bytes, offset: int, end: int) -> int:
+        """Check the whole rows of a binary ``COPY`` stream in ``data[offset:end]`` (rows
+        only: no header, no trailer) and return the offset of the first row not wholly in
+        it, where the next piece of the stream continues (:class:`SegmentStream`). The hot
+        loop of verification; a row that does not hold sets :attr:`broken` (the offset
+        returned then means nothing)."""
+        if self.broken is not None:
+            return offset
         # copying a fresh SHA-256 context skips OpenSSL's per-call digest look-up
-        view, fresh, size_at, pack = memoryview(copied), hashlib.sha256().copy, \
+        view, fresh, size_at, pack = memoryview(data), hashlib.sha256().copy, \
             _I32.unpack_from, _U64.pack
-        starts_with, watch, hashes_at = copied.startswith, self.watch, self.hashes_at
+        starts_with, watch, hashes_at = data.startswith, self.watch, self.hashes_at
         expected, prev = self.head_sequence + 1, self.head_hash
         try:
-            while offset < end:
-                (size,) = size_at(copied, offset + 2)
-                body, stop = offset + 6, offset + 6 + size
+            while (body := offset + 6) <= end:
+                stop = body + size_at(data, offset + 2)[0]
+                if stop + 36 > end:
+                    break  # the row goes on in the next piece (or is malformed: the caller)
                 link = fresh()
                 link.update(view[body:stop])
                 digest = link.digest()
                 # stored prev_hash || sequence as expected, then a 32-byte hash field holding
                 # exactly the recomputed digest
-                if not (size >= _PREFIX and starts_with(prev + pack(expected), body)
+                if not (stop - body >= _PREFIX and starts_with(prev + pack(expected), body)
                         and starts_with(_HASH_FIELD + digest, stop)):
+                    if not _whole_row(data, offset):
+                        break  # a hash field of another length: name it when it is whole
                     self.checked += expected - 1 - self.head_sequence
                     self.head_sequence, self.head_hash = expected - 1, prev
-                    self.feed_rows([_copied_row(copied, offset)])  # names the reason
-                    if self.broken is None:
-                        self.broken = ChainBreak(expected, "row is not a well-formed link")
-                    return False
+                    self._break_at(data, offset)
+                    return offset
                 if expected in watch:
                     hashes_at[expected] = digest
                 expected, prev, offset = expected + 1, digest, stop + 36
@@ -184,7 +198,13 @@ class ChainVerifier:
             if self.broken is None:
                 self.checked += expected - 1 - self.head_sequence
                 self.head_sequence, self.head_hash = expected - 1, prev
-        return True
+        return offset
+
+    def _break_at(self, data: bytes, offset: int) -> None:
+        """The row at ``offset`` (after :attr:`head_sequence`) does not hold: name why."""
+        self.feed_rows([_copied_row(data, offset)])
+        if self.broken is None:
+            self.broken = ChainBreak(self.head_sequence + 1, "row is not a well-formed link")
 
     def join(self, segment: ChainSegment) -> bool:
         """Put a range verified on its own (:func:`verify_segment`) after what was checked so
@@ -275,17 +295,98 @@ def verify_segment(after: int, copied: bytes, watch: frozenset[int] = frozenset(
                    ) -> ChainSegment:
     """Verify the rows of one range (binary ``COPY`` layout, :func:`copy_rows`) after
     sequence ``after``; a module-level function so a worker process can run it."""
-    offset, end = copy_span(copied)
-    if offset >= end:
-        return ChainSegment(after, None, None, 0, after, GENESIS, None, {})
-    first_sequence, first_prev, _, _ = _copied_row(copied, offset)
-    if first_sequence != after + 1:  # the join names the gap
-        return ChainSegment(after, first_sequence, first_prev, 0, after, first_prev, None, {})
-    verifier = ChainVerifier(head_sequence=after, head_hash=first_prev, watch=watch)
-    verifier.feed_copy(copied)
-    return ChainSegment(after, first_sequence, first_prev, verifier.checked,
-                        verifier.head_sequence, verifier.head_hash, verifier.broken,
-                        verifier.hashes_at)
+    stream = SegmentStream(after, watch)
+    stream.feed(copied)
+    return stream.finish()
+
+
+class SegmentStream:
+    """:func:`verify_segment` on a binary ``COPY`` stream fed in pieces of any size, as they
+    arrive: a worker hashes what it has while the server sends the rest, and reads in large
+    pieces (a range read whole first came in ~30 KiB socket reads, each with the driver's
+    per-read overhead). A row cut between two pieces is kept until the next one."""
+
+    def __init__(self, after: int, watch: frozenset[int] = frozenset()) -> None:
+        self._after, self._watch = after, watch
+        self._pending = b""
+        self._started = False  # the COPY header is consumed
+        self._segment: ChainSegment | None = None  # decided without hashing (empty, gap)
+        self._verifier: ChainVerifier | None = None
+        self._first: tuple[int, bytes] | None = None
+
+    def feed(self, piece: bytes) -> None:
+        data = self._pending + piece if self._pending else piece
+        offset = self._header(data) if not self._started else 0
+        if offset < 0 or self._segment is not None:
+            self._pending = data if offset < 0 else b""
+            return
+        if self._verifier is None:
+            offset = self._first_row(data, offset)
+            if self._verifier is None:
+                return
+        offset = self._verifier.feed_copied(data, offset, len(data))
+        self._pending = data[offset:] if self._verifier.broken is None else b""
+
+    def finish(self) -> ChainSegment:
+        """The segment, once the whole stream was fed (its trailer last)."""
+        if self._segment is not None:
+            return self._segment
+        rest, verifier, first = self._pending, self._verifier, self._first
+        broken = verifier is not None and verifier.broken is not None  # the rest dropped
+        if not self._started or not (broken or rest.endswith(_COPY_TRAILER)):
+            raise ValueError("not a complete binary COPY stream")
+        if verifier is None or first is None:
+            return ChainSegment(self._after, None, None, 0, self._after, GENESIS, None, {})
+        if verifier.broken is None and len(rest) > len(_COPY_TRAILER):
+            verifier._break_at(rest, 0)  # a last row that is not a whole link
+        return ChainSegment(self._after, first[0], first[1], verifier.checked,
+                            verifier.head_sequence, verifier.head_hash, verifier.broken,
+                            verifier.hashes_at)
+
+    def _header(self, data: bytes) -> int:
+        """Offset of the first row, -1 while the header is incomplete."""
+        fixed = len(_COPY_SIGNATURE) + 8
+        if len(data) < fixed:
+            return -1
+        if not data.startswith(_COPY_SIGNATURE):
+            raise ValueError("not a complete binary COPY stream")
+        extension: int = _I32.unpack_from(data, len(_COPY_SIGNATURE) + 4)[0]
+        if len(data) < fixed + extension:
+            return -1
+        self._started = True
+        return fixed + extension
+
+    def _first_row(self, data: bytes, offset: int) -> int:
+        """Start the verifier at the first row's stored prev_hash once the row is whole;
+        a range without rows, or not starting right after ``after``, needs no hashing."""
+        if data.startswith(_COPY_TRAILER, offset):
+            self._segment = ChainSegment(self._after, None, None, 0, self._after, GENESIS,
+                                         None, {})
+            return offset
+        if not _whole_row(data, offset):
+            self._pending = data[offset:]
+            return offset
+        first_sequence, first_prev, _, _ = _copied_row(data, offset)
+        self._first = first_sequence, first_prev
+        if first_sequence != self._after + 1:  # the join names the gap
+            self._segment = ChainSegment(self._after, first_sequence, first_prev, 0,
+                                         self._after, first_prev, None, {})
+            return offset
+        self._verifier = ChainVerifier(head_sequence=self._after, head_hash=first_prev,
+                                       watch=self._watch)
+        return offset
+
+
+def _whole_row(data: bytes, offset: int) -> bool:
+    """Whether the two-field row at ``offset`` is wholly in ``data``."""
+    if len(data) < offset + 6:
+        return False
+    size: int = _I32.unpack_from(data, offset + 2)[0]
+    stop = offset + 6 + max(size, 0)
+    if len(data) < stop + 4:
+        return False
+    hash_size: int = _I32.unpack_from(data, stop)[0]
+    return len(data) >= stop + 4 + max(hash_size, 0)
 
 
 def copy_span(copied: bytes) -> tuple[int, int]:
