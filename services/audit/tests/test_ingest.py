@@ -38,6 +38,21 @@ async def test_each_event_is_stored_once_with_a_gap_free_sequence(events: Events
     assert (await verify_store(store)).ok
 
 
+async def test_a_repeat_within_a_batch_after_the_known_head_is_stored_once(
+        events: Events) -> None:
+    """The optimistic path (head known) makes no pass for repeats: the store refuses the
+    batch and the checked path drops them."""
+    store = MemoryAuditStore()
+    request = events.request()
+    await handlers.append(store, accepted(request))
+    assert store.known_head() is not None
+    key = events.generated(cause=request)
+    result = await handlers.append(store, accepted(key, key, request))
+    assert (result.stored, result.duplicates, result.counted) == (1, 2, 1)
+    assert [r.event_id for r in store.rows] == [request.id, key.id]
+    assert (await verify_store(store)).ok
+
+
 async def test_tenant_comes_from_owner_key_or_request(events: Events) -> None:
     store = MemoryAuditStore()
     request = events.request(owner="globex")

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from aiokafka import ConsumerRecord
 
-from klm_audit.domain.checkpoints import CHECKPOINT_TYPES
 from klm_audit.domain.entries import Origin
 from klm_audit.domain.hash_chain import (
     NotCanonicalisable,
@@ -24,9 +23,8 @@ from klm_audit.domain.hash_chain import (
 from klm_audit.domain.ingest import (
     Accepted,
     ChainHead,
-    correlations_of,
     fresh,
-    keys_without_owner,
+    lookups_of,
     plan_append,
 )
 from klm_audit.ports import AppendConflict, AuditStore
@@ -83,15 +81,17 @@ async def append(store: AuditStore, batch: list[Accepted]) -> AppendResult:
 async def _append(store: AuditStore, batch: list[Accepted], head: ChainHead | None
                   ) -> AppendResult:
     async with store.appending(locked=head is None) as tx:
-        stored = await tx.stored_ids([a.event.id for a in batch]) if head is None else set()
-        new = fresh(batch, stored)
+        # optimistic: no pass for repeats either; a repeat within the batch, like one of
+        # a stored event, conflicts in the store and the checked path drops it
+        new = batch if head is not None else \
+            fresh(batch, await tx.stored_ids([a.event.id for a in batch]))
         if not new:
             return AppendResult(0, len(batch), None)
-        plan = plan_append(new, head or await tx.head(),
-                           await tx.owners(keys_without_owner(new)),
-                           await tx.tenants_of(correlations_of(new)))
+        keys, correlations = lookups_of(new)
+        plan = plan_append(new, head or await tx.head(), await tx.owners(keys),
+                           await tx.tenants_of(correlations))
         await tx.write(plan)
-    counted = sum(1 for a in new if a.event.type not in CHECKPOINT_TYPES)
+    counted = len(new) - plan.checkpoint_traffic
     return AppendResult(len(new), len(batch) - len(new), plan.head, counted)
 
 

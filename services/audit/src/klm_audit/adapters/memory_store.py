@@ -45,8 +45,9 @@ class MemoryAppendTx:
     async def write(self, plan: AppendPlan) -> None:
         now = datetime.now(UTC)
         next_sequence = len(self._store.rows) + 1
-        if plan.rows and (plan.rows[0][SEQUENCE] != next_sequence
-                          or any(r[EVENT_ID] in self._store.by_id for r in plan.rows)):
+        ids = {r[EVENT_ID] for r in plan.rows}  # unique, as the Postgres index has them
+        if plan.rows and (plan.rows[0][SEQUENCE] != next_sequence or len(ids) < len(plan.rows)
+                          or any(i in self._store.by_id for i in ids)):
             raise AppendConflict("sequence or event id already stored")
         for (sequence, event_id, type_, subject, version, source, tenant, correlation_id,
              occurred_at, _topic, _partition, _offset, canonical, prev_hash, digest) in plan.rows:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final
 
-from klm_audit.domain.checkpoints import Checkpoint, checkpoint_of
+from klm_audit.domain.checkpoints import CHECKPOINT_TYPES, Checkpoint, checkpoint_of
 from klm_audit.domain.entries import Origin, key_id_of, owner_of
 from klm_common.envelope import CloudEvent
 from klm_common.events import AuditCheckpoint
@@ -56,6 +56,8 @@ class AppendPlan:
     rows: list[SealedRow] = field(default_factory=list)
     checkpoints: list[Checkpoint] = field(default_factory=list)
     duplicates: int = 0
+    #: sealed events that are checkpoint traffic (not counted towards the next checkpoint)
+    checkpoint_traffic: int = 0
 
     @property
     def head(self) -> ChainHead | None:
@@ -109,8 +111,9 @@ def plan_append(batch: Sequence[Accepted], head: ChainHead, owners: Mapping[str,
              event.correlationid, event.time, origin.topic, origin.partition, origin.offset,
              canonical.decode("utf-8"), prev, digest))
         prev = digest
-        if type_ == CHECKPOINT_EVENT:
-            checkpoint = checkpoint_of(event, sequence)
+        if type_ in CHECKPOINT_TYPES:
+            plan.checkpoint_traffic += 1
+            checkpoint = checkpoint_of(event, sequence) if type_ == CHECKPOINT_EVENT else None
             if checkpoint is not None:
                 plan.checkpoints.append(checkpoint)
     return plan
@@ -142,11 +145,20 @@ def resolve_tenant(event: CloudEvent, owners: Mapping[str, str | None],
                                                  tenants_by_event)
 
 
-def keys_without_owner(batch: Sequence[Accepted]) -> set[str]:
-    """Keys whose owner must be looked up: named by an event that does not carry one."""
-    return {k for a in batch if owner_of(a.event.data) is None
-            and (k := key_id_of(a.event)) is not None}
-
-
-def correlations_of(batch: Sequence[Accepted]) -> set[str]:
-    return {a.event.correlationid for a in batch if a.event.correlationid}
+def lookups_of(batch: Sequence[Accepted]) -> tuple[set[str], set[str]]:
+    """What the store must look up before sealing, in one pass (helpers inlined: this runs
+    on every ingested event): the keys named by an event that carries no owner (their
+    owners), and the requests events correlate to (their tenants)."""
+    keys: set[str] = set()
+    correlations: set[str] = set()
+    for item in batch:
+        event = item.event
+        data = event.data
+        owner = data.get("owner")
+        if not (owner and isinstance(owner, str)):
+            key_id = event.subject or _key_id_in(data)
+            if key_id is not None:
+                keys.add(key_id)
+        if event.correlationid:
+            correlations.add(event.correlationid)
+    return keys, correlations
