@@ -123,3 +123,18 @@ async def test_closing_serves_nothing_new() -> None:
     await pipeline.close()
     await pipeline.submit(consumer, records(0, 2, 3), mark)
     assert served == [1] and consumer.commits == [{TP0: 2}]
+
+
+async def test_offset_commits_are_coalesced_without_holding_the_pipeline_back() -> None:
+    consumer = FakeConsumer()
+    pipeline = BatchPipeline("t", depth=2, retry_delay=0, commit_interval=60)
+
+    async def done(turn: Turn) -> None:
+        await turn.wait()
+
+    for first in range(0, 100, 2):  # 50 batches through a pipeline of 2: none waits a minute
+        await asyncio.wait_for(pipeline.submit(consumer, records(0, first, first + 1), done), 1)
+    await asyncio.sleep(0.01)
+    assert len(consumer.commits) <= 1  # the first right away, the rest wait for the interval
+    await pipeline.drain(timeout=2)  # a rebalance or shutdown commits what is durable at once
+    assert consumer.commits[-1] == {TP0: 100} and len(consumer.commits) <= 2

@@ -56,9 +56,10 @@ class KlmSettings(BaseSettings):
     #: cryptoperiods and destruction waiting periods (7–30 days) pass in seconds
     day_seconds: float = 86400.0
 
-    # batching: how many records a consumer takes at once and how long it waits to fill them
+    # batching: how many records a consumer takes at once; how long an idle subscriber's
+    # fetch waits before its loop turns (it returns as soon as records arrive: kafka.py)
     batch_max_records: int = 500
-    batch_timeout_ms: int = 5
+    batch_timeout_ms: int = 500
     outbox_batch: int = 1000
 
     @property

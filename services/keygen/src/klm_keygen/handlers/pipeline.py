@@ -9,7 +9,8 @@ What keeps "nothing accepted is lost, nothing is doubled" (the subscriber uses
 ``AckPolicy.MANUAL``: FastStream commits nothing itself):
 
 * offsets are committed explicitly, per partition, up to the longest prefix of batches whose
-  work is durable — never the consumer's position, which runs ahead;
+  work is durable — never the consumer's position, which runs ahead — at most once per
+  ``commit_interval`` (and at once when partitions are revoked and at shutdown);
 * a batch whose work failed (an infrastructure error: HSM, Postgres, Kafka) is not
   committed, and neither is any batch after it: those are *abandoned* (their serving stops
   at its ordered step, :meth:`Turn.wait`). Once every batch in flight has finished and
@@ -55,7 +56,8 @@ class _Batch:
     after: dict[TopicPartition, int]
     #: True once the batch's work is durable; False if it failed or was abandoned
     served: asyncio.Future[bool]
-    #: done once its offsets are committed or it is discarded
+    #: done once it left the pipeline: durable (its offsets go with the next commit) or
+    #: discarded
     settled: asyncio.Future[None]
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -91,10 +93,16 @@ class BatchPipeline(ConsumerRebalanceListener):  # type: ignore[misc]
     """Serves the batches of ONE consumer with up to ``depth`` of them in flight; also its
     rebalance listener (pass it as the subscriber's ``listener``)."""
 
-    def __init__(self, name: str, *, depth: int = 4, retry_delay: float = 1.0) -> None:
+    def __init__(self, name: str, *, depth: int = 4, retry_delay: float = 1.0,
+                 commit_interval: float = 0.05) -> None:
         self.name = name
         self.depth = depth
         self.retry_delay = retry_delay
+        self.commit_interval = commit_interval
+        #: offsets of settled batches not committed yet, and when the last commit went out
+        self._unflushed: dict[TopicPartition, int] = {}
+        self._last_commit = 0.0
+        self._commit_lock = asyncio.Lock()
         self._consumer: Any = None
         self._batches: deque[_Batch] = deque()
         self._rewind: dict[TopicPartition, int] = {}
@@ -104,7 +112,7 @@ class BatchPipeline(ConsumerRebalanceListener):  # type: ignore[misc]
         self._committer: asyncio.Task[None] | None = None
         self._commit_wanted = asyncio.Event()
         self._closing = False
-        self.committed_batches = 0
+        self.settled_batches = 0
         self.rewinds = 0
 
     # ---- the subscriber's side ----------------------------------------------------------
@@ -148,6 +156,7 @@ class BatchPipeline(ConsumerRebalanceListener):  # type: ignore[misc]
             batch.served.set_result(ok)
             if not ok:
                 self._fail(batch)
+            self._settle_durable()
             self._commit_wanted.set()
 
     # ---- failure and rewind -------------------------------------------------------------
@@ -202,33 +211,43 @@ class BatchPipeline(ConsumerRebalanceListener):  # type: ignore[misc]
                 self._commit_forever(), name=f"{self.name}-commits")
 
     async def _commit_forever(self) -> None:
+        """Settle durable batches at once (room in the pipeline), but commit their offsets
+        at most once per ``commit_interval``: at a steady load of one-request batches an
+        offset commit per batch was one Kafka request in five. A commit that waits costs
+        nothing but a longer redelivery after a crash (answers are idempotent)."""
+        loop = asyncio.get_running_loop()
         while True:
             await self._commit_wanted.wait()
             self._commit_wanted.clear()
-            await self._commit_done()
+            if not self._unflushed:
+                continue
+            if (wait := self._last_commit + self.commit_interval - loop.time()) > 0:
+                await asyncio.sleep(wait)
+            await self._flush()
 
-    async def _commit_done(self) -> None:
-        """One offset commit for the longest prefix of durable batches (later batches'
-        offsets are higher, so one commit covers them all)."""
-        done: list[_Batch] = []
-        offsets: dict[TopicPartition, int] = {}
-        for batch in self._batches:
-            if not batch.served.done() or not batch.served.result():
-                break
-            done.append(batch)
-            offsets.update(batch.after)
-        if not done:
-            return
-        try:
-            await self._consumer.commit(offsets)
-        except Exception as exc:
-            log.warning("%s: offsets not committed (%s); a later commit or a redelivery "
-                        "covers them", self.name, type(exc).__name__)
-        else:
-            self.committed_batches += len(done)
-        for batch in done:
-            self._batches.remove(batch)
+    def _settle_durable(self) -> None:
+        """Take the longest prefix of durable batches out of the pipeline (room for the
+        next); their offsets (later batches' are higher) wait for the next commit."""
+        while self._batches and self._batches[0].served.done() \
+                and self._batches[0].served.result():
+            batch = self._batches.popleft()
+            self._unflushed.update(batch.after)
+            self.settled_batches += 1
             batch.settled.set_result(None)
+
+    async def _flush(self) -> None:
+        async with self._commit_lock:  # one at a time: a later commit never lands first
+            offsets, self._unflushed = self._unflushed, {}
+            if not offsets:
+                return
+            self._last_commit = asyncio.get_running_loop().time()
+            try:
+                await self._consumer.commit(offsets)
+            except Exception as exc:
+                log.warning("%s: offsets not committed (%s); a later commit or a redelivery "
+                            "covers them", self.name, type(exc).__name__)
+                for tp, offset in offsets.items():  # retried with the next commit
+                    self._unflushed.setdefault(tp, offset)
 
     # ---- rebalance and shutdown ---------------------------------------------------------
     async def drain(self, timeout: float = 30.0) -> None:
@@ -239,8 +258,8 @@ class BatchPipeline(ConsumerRebalanceListener):  # type: ignore[misc]
                     waits: list[asyncio.Future[Any]] = [b.settled for b in self._batches]
                     if self._recovery is not None:
                         waits.append(self._recovery)
-                    self._commit_wanted.set()
                     await asyncio.wait(waits)
+                await self._flush()
 
     async def close(self) -> None:
         """At shutdown: serve nothing new, finish what is in flight, stop committing."""
@@ -262,11 +281,9 @@ class PipelinedConsumer:
     """A pipelined subscriber on a plain aiokafka consumer, for keygen's hot topics
     (``klm.requests`` and ``klm.crypto.requests``, each also per tenant by pattern).
 
-    FastStream's batch subscriber polls: ``getmany`` for ``batch_timeout_ms`` then, when
-    nothing came, sleeps as long again — up to 5 ms added to a request that arrives in the
-    sleep, and some 100 wake-ups a second per idle subscriber; its consume path and
-    middlewares were ~27 % of keygen's CPU serving small batches (docs/benchmarks.md). Here
-    ``getmany`` simply waits until records arrive, and a batch goes straight to its
+    FastStream's consume path and middlewares were ~27 % of keygen's CPU serving small
+    batches (py-spy, docs/benchmarks.md). Here ``getmany`` waits until records arrive, and a
+    batch goes straight to its
     :class:`BatchPipeline` (also the rebalance listener) under KLM's inbound telemetry
     (per-record spans continuing each record's trace, request metrics, lag). Offsets are
     committed by the pipeline only (no auto-commit), so the delivery rules above hold."""
