@@ -45,26 +45,34 @@ chain (every link recomputed, every signed checkpoint checked); the line after i
 indexed columns re-checked against each event (Postgres parses every event as jsonb)."""
 
 HOW = """How: ingest seals a batch straight into row tuples in the table's column order (one
-SHA-256 per event, no object per event) and, on the optimistic path (the head this process
-wrote last), writes it as one `COPY` statement: atomic and durable when it returns, no
+SHA-256 per event fed in three pieces, the field helpers inlined, no object per event) and,
+on the optimistic path (the head this process wrote last), makes no pass for repeats and
+writes the batch as one `COPY` statement: atomic and durable when it returns, no
 `BEGIN`/`COMMIT` round trips; the unique `sequence` and `event_id` refuse it if another
-writer got there first, and the checked path (append lock, id look-up) runs instead. The
-remaining gap to the bare table is the audit table's primary key, the unique index on random
-event ids and the BRIN index. Verification splits the chain into ranges of 25,000
-sequences; worker processes (cores + 1, forked) each read a range by binary `COPY` over a
-connection of their own (`prev_hash || uint64 sequence || canonical`, `hash`: the hash input
-is one slice) and verify it from its first row's stored `prev_hash`; the ranges are joined
-in order, each starting with the hash the previous one ends on — the answer of one pass from
-genesis, tampering named at the same sequence. The floor is SHA-256 itself: about 2 µs per
-~440-byte link on this CPU (no SHA extensions; the yardstick line), and reading a range costs
-the workers about another 1.5 µs per row and Postgres about 1 µs — some 4.5–5 CPU-seconds per
-million events, so the 300,000 events/s target needs both cores nearly to itself: the
-"cores busy" line and the load average show how much of them the run got.
+writer got there first or an event is a repeat, and the checked path (append lock, id
+look-up) runs instead. The remaining gap to the bare table is the indexes the contract needs,
+measured as Postgres CPU per row on these rows: bare table 4.9 µs, + primary key 0.3,
++ BRIN 0.5, + the unique index on random event ids 3.4 (a `uuid` column in place of the
+text id measured no cheaper, 8.6 µs for both with the key; a hash exclusion constraint no
+cheaper either) — plus the sealing itself, about 3.4 µs per event in Python of which 2 µs
+is SHA-256. Verification splits the chain into ranges of 25,000 sequences; worker
+processes (cores + 1, forked) each stream a range by binary `COPY` over a connection of
+their own (`prev_hash || uint64 sequence || canonical`, `hash`: the hash input is one
+slice) and hash it as it arrives, from its first row's stored `prev_hash` (read whole
+first, a range came in ~30 KiB socket reads; hashed meanwhile, they grow to ~230 KiB, and
+reading costs a worker ~0.7 instead of ~1.2 µs per row); the ranges are joined in order,
+each starting with the hash the previous one ends on — the answer of one pass from genesis,
+tampering named at the same sequence. The floor is SHA-256 itself: about 2 µs per
+~440-byte link on this CPU (no SHA extensions; the yardstick line), plus ~1.3 µs of
+per-row checks in the worker, ~0.7 µs reading and ~1.8 µs in Postgres sending the range:
+some 5.5–6 CPU-seconds per million events, so 300,000 events/s needs ~1.7 of the 2 cores
+for this alone: the "cores busy" line and the load average show how much of them the run
+got.
 
-Before this round (2026-11-28 13:37–13:41 UTC, load 2–3, same command): ingest 22,797
-events/s, 49.65 % of raw `COPY` (45,916 rows/s), history p50/p99 1.18 / 2.79 ms,
-verification 155,193 events/s (one process: the server packed each range with `string_agg`,
-a thread hashed)."""
+Before this round (2026-11-28 15:15 UTC, load 2.1–2.2, same command): ingest 30,337
+events/s, 43.0 % of raw `COPY` (70,573 rows/s), history p50/p99 1.02 / 2.43 ms,
+verification 279,772 events/s (4.3 CPU-s over 3.6 s: 1.21 cores busy; ranges read whole,
+then hashed)."""
 TYPES = ("klm.key.activated", "klm.key.suspended", "klm.key.reactivated", "klm.key.backed_up")
 
 
