@@ -137,6 +137,31 @@ async def test_p384_ed25519_and_rsa_signatures(klm: KlmClient) -> None:
     assert await klm.verify(rsakey["key_id"], b"m", v15, owner=OWNER, scheme="pkcs1v15")
 
 
+async def test_a_burst_of_mixed_requests_is_answered_each_once_and_correctly(
+        klm: KlmClient) -> None:
+    """More requests than one HSM chunk (keygen serves a batch in chunks of 64), signs and
+    refusals mixed: every call gets its own answer, and every signature verifies."""
+    signer = await new_key(klm, "EC", curve="P-256")
+    encryptor = await new_key(klm, "AES-256")
+    messages = [f"burst message {i}".encode() for i in range(200)]
+
+    async def one(i: int) -> Any:
+        if i % 10 == 9:  # an AES key cannot sign: refused by usage, in the same batches
+            with pytest.raises(CryptoOperationError) as refused:
+                await klm.sign(encryptor["key_id"], messages[i], owner=OWNER)
+            return refused.value.code
+        return await klm.sign(signer["key_id"], messages[i], owner=OWNER)
+
+    answers = await asyncio.gather(*(one(i) for i in range(len(messages))))
+    public = public_key(signer)
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    for i, answer in enumerate(answers):
+        if i % 10 == 9:
+            assert answer == "usage_not_permitted"
+        else:
+            public.verify(answer.signature, messages[i], ec.ECDSA(hashes.SHA256()))
+
+
 async def test_aes_gcm_round_trip_and_wrong_aad_fails(klm: KlmClient) -> None:
     key = await new_key(klm, "AES-256")
     sealed = await klm.encrypt(key["key_id"], b"card 4111", owner=OWNER, aad=b"order-1")

@@ -180,15 +180,22 @@ class CryptoChannel:
             await admin.close()
 
     async def _listen(self) -> None:
-        async for record in self._consumer:
-            try:
-                event = parse_envelope(record.value)
-                reply = CryptoReply.model_validate(event.data)
-            except (KlmError, ValueError):
-                continue
-            waiter = self._waiters.pop(event.correlationid or "", None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(reply)
+        """Replies are read in batches (one wake-up per fetch, not per record)."""
+        while True:
+            fetched = await self._consumer.getmany(timeout_ms=1000)
+            for records in fetched.values():
+                for record in records:
+                    self._answer(record.value)
+
+    def _answer(self, value: bytes | None) -> None:
+        try:
+            event = parse_envelope(value)
+            reply = CryptoReply.model_validate(event.data)
+        except (KlmError, ValueError):
+            return
+        waiter = self._waiters.pop(event.correlationid or "", None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(reply)
 
     async def call(self, data: EventData, timeout: float | None = None) -> CryptoReply:
         """Send one request and return its reply; raise if it was refused or timed out."""

@@ -148,7 +148,43 @@ class Pending:
     tenant: str | None = None
 
 
+#: requests per HSM call: within a batch the HSM works on one chunk while the event loop
+#: parses the next and answers the previous, and the first answers leave early (with whole
+#: batches of 256 a closed loop ran in lock-step: parse, then HSM, then answer, ~165 ms a turn)
+CHUNK = 64
+
+
+@dataclass
+class _Chunk:
+    """One chunk's requests, authorised, with its HSM call under way."""
+
+    granted: list[tuple[Pending, Grant, HsmOp]]
+    outcomes: asyncio.Future[list[Any]]
+    replies: list[tuple[str, CloudEvent]] = field(default_factory=list)
+    denials: list[CloudEvent] = field(default_factory=list)
+
+
 async def _handle(records: Sequence[ConsumerRecord[bytes, bytes]], deps: UsageDeps) -> None:
+    """Serve one batch, chunk by chunk (see :data:`CHUNK`); return once every reply is
+    acknowledged by Kafka; raise (the batch is delivered again) if the HSM, Postgres or
+    Kafka failed — replies have deterministic ids, so a repeated one is dropped."""
+    sends: list[asyncio.Future[None]] = []
+    chunks: list[_Chunk] = []
+    try:
+        for start in range(0, len(records), CHUNK):
+            chunks.append(await _prepare(records[start:start + CHUNK], deps))
+            if len(chunks) > 1:  # this chunk's HSM call is queued: answer the previous one
+                sends.append(await _answer(chunks[-2], deps))
+        if chunks:
+            sends.append(await _answer(chunks[-1], deps))
+        await asyncio.gather(*sends)
+    finally:  # after a failure: nothing left running unobserved
+        pending = [c.outcomes for c in chunks] + sends
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def _prepare(records: Sequence[ConsumerRecord[bytes, bytes]], deps: UsageDeps) -> _Chunk:
+    """Parse, authorise and start the HSM call of one chunk (refusals are answered with it)."""
     replies: list[tuple[str, CloudEvent]] = []
     letters: list[CloudEvent] = []
     inbound = await split_batch(records, deps.dead_letters)
@@ -167,19 +203,30 @@ async def _handle(records: Sequence[ConsumerRecord[bytes, bytes]], deps: UsageDe
         except KlmError as exc:
             _refuse(item, exc, keys.get(item.data.key_id), replies, denials)
     await _evict_unusable(keys, deps)
-    outcomes = await deps.hsm.run(execute_batch, deps.handles, [g[2] for g in granted]) \
-        if granted else []
+    outcomes: asyncio.Future[list[Any]] = asyncio.ensure_future(
+        deps.hsm.run(execute_batch, deps.handles, [g[2] for g in granted]) if granted
+        else _nothing())
+    return _Chunk(granted, outcomes, replies, denials)
+
+
+async def _nothing() -> list[Any]:
+    return []
+
+
+async def _answer(chunk: _Chunk, deps: UsageDeps) -> asyncio.Future[None]:
+    """Build the chunk's replies from its HSM outcomes, record its refusals, and start
+    sending (the returned future is done once Kafka acknowledged them all)."""
     at = deps.clock()
-    for (item, grant, _), outcome in zip(granted, outcomes, strict=True):
+    for (item, grant, _), outcome in zip(chunk.granted, await chunk.outcomes, strict=True):
         if isinstance(outcome, KlmError):
-            _refuse(item, outcome, grant.key, replies, denials)
+            _refuse(item, outcome, grant.key, chunk.replies, chunk.denials)
             continue
         deps.tally.record(grant, item.operation, at)
-        replies.append((item.data.reply_to, success(item, grant, outcome)))
-    if denials:  # committed before anyone sees the refusal
-        await deps.store.record_denials(denials)
+        chunk.replies.append((item.data.reply_to, success(item, grant, outcome)))
+    if chunk.denials:  # committed before anyone sees the refusal
+        await deps.store.record_denials(chunk.denials)
         deps.on_commit()
-    await deps.replies.send(replies)
+    return asyncio.ensure_future(deps.replies.send(chunk.replies))
 
 
 def _accept(inbound: Inbound, deps: UsageDeps, replies: list[tuple[str, CloudEvent]],
