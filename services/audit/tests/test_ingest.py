@@ -7,13 +7,15 @@ from aiokafka import ConsumerRecord
 from klm_audit import handlers
 from klm_audit.adapters.memory_store import MemoryAuditStore
 from klm_audit.domain.entries import Origin
-from klm_audit.domain.hash_chain import canonical_json
-from klm_audit.domain.ingest import Accepted
+from klm_audit.domain.hash_chain import GENESIS, canonical_json
+from klm_audit.domain.ingest import Accepted, ChainHead, Sealer, plan_append
 from klm_audit.domain.queries import Scope
 from klm_audit.verification import verify_store
 from klm_common.envelope import CloudEvent
 
 from .factories import Events
+
+GENESIS_HEAD = ChainHead(0, GENESIS)
 
 
 def accepted(*events: CloudEvent) -> list[Accepted]:
@@ -50,6 +52,31 @@ async def test_a_repeat_within_a_batch_after_the_known_head_is_stored_once(
     result = await handlers.append(store, accepted(key, key, request))
     assert (result.stored, result.duplicates, result.counted) == (1, 2, 1)
     assert [r.event_id for r in store.rows] == [request.id, key.id]
+    assert (await verify_store(store)).ok
+
+
+def test_sealing_in_parts_gives_the_rows_of_sealing_whole(events: Events) -> None:
+    """The store writes a part while the next is sealed: head, owners and tenants carry over
+    (here a key's later events and a request's answer fall in the next part)."""
+    batch: list[CloudEvent] = []
+    for _ in range(4):
+        request = events.request(owner="globex")
+        key = events.generated(owner="globex", cause=request)
+        rotate = events.request_for("klm.request.rotate_key", key)
+        batch += [request, key, rotate]
+    whole = plan_append(accepted(*batch), GENESIS_HEAD, {}, {})
+    sealer = Sealer(GENESIS_HEAD, {}, {})
+    parts = [sealer.seal(accepted(*batch)[i:i + 5]) for i in range(0, len(batch), 5)]
+    assert [row for part in parts for row in part.rows] == whole.rows
+    assert sealer.head == whole.head
+
+
+async def test_a_batch_written_in_parts_is_one_append(events: Events) -> None:
+    store = MemoryAuditStore()
+    batch = accepted(*(events.generated() for _ in range(handlers.PART_EVENTS * 2 + 7)))
+    result = await handlers.append(store, batch)
+    assert result.stored == len(batch) and result.head is not None
+    assert result.head.sequence == len(store.rows) == len(batch)
     assert (await verify_store(store)).ok
 
 

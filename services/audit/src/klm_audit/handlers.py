@@ -23,14 +23,19 @@ from klm_audit.domain.hash_chain import (
 from klm_audit.domain.ingest import (
     Accepted,
     ChainHead,
+    Sealer,
     fresh,
     lookups_of,
-    plan_append,
 )
 from klm_audit.ports import AppendConflict, AuditStore
 from klm_common.envelope import CloudEvent, EnvelopeInvalid, parse_envelope
 
 log = logging.getLogger(__name__)
+
+#: events per ``COPY`` when a batch is written in parts: the store writes one part while the
+#: next is sealed (the server's index work and the client's hashing overlap); a batch of up
+#: to this many events is one ``COPY``
+PART_EVENTS = 250
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +93,12 @@ async def _append(store: AuditStore, batch: list[Accepted], head: ChainHead | No
         if not new:
             return AppendResult(0, len(batch), None)
         keys, correlations = lookups_of(new)
-        plan = plan_append(new, head or await tx.head(), await tx.owners(keys),
-                           await tx.tenants_of(correlations))
-        await tx.write(plan)
-    counted = len(new) - plan.checkpoint_traffic
-    return AppendResult(len(new), len(batch) - len(new), plan.head, counted)
+        sealer = Sealer(head or await tx.head(), await tx.owners(keys),
+                        await tx.tenants_of(correlations))
+        parts = [new[i:i + PART_EVENTS] for i in range(0, len(new), PART_EVENTS)]
+        await tx.write((sealer.seal(part) for part in parts), parts=len(parts))
+    counted = len(new) - sealer.checkpoint_traffic
+    return AppendResult(len(new), len(batch) - len(new), sealer.head, counted)
 
 
 async def project(store: AuditStore) -> int:

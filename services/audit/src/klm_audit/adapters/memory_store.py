@@ -42,7 +42,12 @@ class MemoryAppendTx:
         by_id = self._store.by_id
         return {i: by_id[i].tenant for i in event_ids if i in by_id}
 
-    async def write(self, plan: AppendPlan) -> None:
+    async def write(self, plans: Iterable[AppendPlan], *, parts: int) -> None:
+        """All parts or none, like the Postgres transaction."""
+        plan = AppendPlan()
+        for part in plans:
+            plan.rows.extend(part.rows)
+            plan.checkpoints.extend(part.checkpoints)
         now = datetime.now(UTC)
         next_sequence = len(self._store.rows) + 1
         ids = {r[EVENT_ID] for r in plan.rows}  # unique, as the Postgres index has them

@@ -130,16 +130,42 @@ class PostgresAppendTx:
             list(event_ids))
         return {r["event_id"]: r["tenant"] for r in rows}
 
-    async def write(self, plan: AppendPlan) -> None:
+    async def write(self, plans: Iterable[AppendPlan], *, parts: int) -> None:
         """COPY the sealed rows (and any checkpoints). Outside a transaction (the optimistic
-        path) a batch without checkpoints is one COPY statement: atomic and durable when it
-        returns, without BEGIN and COMMIT round trips; two tables take a transaction."""
-        self.written = plan.head
-        if plan.checkpoints and not self._conn.is_in_transaction():
-            async with self._conn.transaction():
+        path) a batch of one part without checkpoints is one COPY statement: atomic and
+        durable when it returns, without BEGIN and COMMIT round trips; two tables or several
+        parts take a transaction, in which the parts are pipelined (:meth:`_pipelined`)."""
+        if parts <= 1:
+            plan = next(iter(plans))
+            self.written = plan.head
+            if plan.checkpoints and not self._conn.is_in_transaction():
+                async with self._conn.transaction():
+                    await self._copy(plan)
+            else:
                 await self._copy(plan)
+        elif self._conn.is_in_transaction():
+            await self._pipelined(plans)
         else:
-            await self._copy(plan)
+            async with self._conn.transaction():
+                await self._pipelined(plans)
+
+    async def _pipelined(self, plans: Iterable[AppendPlan]) -> None:
+        """Each part's COPY is sent, then the next part is sealed (taken from ``plans``)
+        while the server inserts it and maintains the indexes; then that COPY is awaited
+        and the next one sent. One COPY at a time on the connection, in order."""
+        copying: asyncio.Future[None] | None = None
+        try:
+            for plan in plans:
+                if copying is not None:
+                    await copying
+                copying = asyncio.ensure_future(self._copy(plan))
+                self.written = plan.head or self.written
+                await asyncio.sleep(0)  # the COPY encodes and sends its rows
+            if copying is not None:
+                await copying
+        finally:  # never leave a COPY running on the connection (sealing failed)
+            if copying is not None and not copying.done():
+                await asyncio.gather(copying, return_exceptions=True)
 
     async def _copy(self, plan: AppendPlan) -> None:
         if plan.rows:

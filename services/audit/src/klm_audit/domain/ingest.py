@@ -78,45 +78,64 @@ def fresh(batch: Sequence[Accepted], stored_ids: set[str]) -> list[Accepted]:
 
 def plan_append(batch: Sequence[Accepted], head: ChainHead, owners: Mapping[str, str | None],
                 tenants_by_event: Mapping[str, str | None]) -> AppendPlan:
-    """Seal ``batch`` (already fresh) after ``head``; ``owners`` maps key ids to tenants.
+    """Seal ``batch`` (already fresh) after ``head``; ``owners`` maps key ids to tenants."""
+    return Sealer(head, owners, tenants_by_event).seal(batch)
 
-    The hot loop of ingest: one SHA-256 (``link_hash`` inlined, fed in three pieces instead
-    of a concatenated copy) and one row tuple per event. :func:`key_id_of`,
-    :func:`owner_of` and :func:`version_of` are inlined too (a call each per event was a
-    sixth of the loop); the tenant rules are those of :func:`resolve_tenant`."""
-    plan = AppendPlan()
-    add, known_owners, tenants = plan.rows.append, dict(owners), dict(tenants_by_event)
-    fresh, pack = hashlib.sha256().copy, _U64.pack  # a copied context: no digest look-up
-    sequence, prev = head.sequence, head.hash
-    for item in batch:
-        event, canonical, origin = item.event, item.canonical, item.origin
-        data, event_id, type_ = event.data, event.id, event.type
-        key_id = event.subject or _key_id_in(data)
-        tenant = data.get("owner")
-        if not (tenant and isinstance(tenant, str)):
-            tenant = _known_tenant(event, key_id, known_owners, tenants)
-        tenants[event_id] = tenant
-        if key_id is not None and tenant is not None and key_id not in known_owners:
-            known_owners[key_id] = tenant
-        version = data.get("version")
-        if not isinstance(version, int) or isinstance(version, bool):
-            version = None
-        sequence += 1
-        link = fresh()
-        link.update(prev)
-        link.update(pack(sequence))
-        link.update(canonical)
-        digest = link.digest()
-        add((sequence, event_id, type_, key_id, version, event.source, tenant,
-             event.correlationid, event.time, origin.topic, origin.partition, origin.offset,
-             canonical.decode("utf-8"), prev, digest))
-        prev = digest
-        if type_ in CHECKPOINT_TYPES:
-            plan.checkpoint_traffic += 1
-            checkpoint = checkpoint_of(event, sequence) if type_ == CHECKPOINT_EVENT else None
-            if checkpoint is not None:
-                plan.checkpoints.append(checkpoint)
-    return plan
+
+class Sealer:
+    """Seals one batch part after part (:meth:`seal`), each part after the last: the chain
+    head and the owners and tenants learnt carry from one part to the next, so the parts'
+    plans are those of sealing the batch whole. The store writes a part while the next is
+    sealed."""
+
+    def __init__(self, head: ChainHead, owners: Mapping[str, str | None],
+                 tenants_by_event: Mapping[str, str | None]) -> None:
+        self.head = head
+        self._owners, self._tenants = dict(owners), dict(tenants_by_event)
+        #: sealed events that are checkpoint traffic, over all parts
+        self.checkpoint_traffic = 0
+
+    def seal(self, part: Sequence[Accepted]) -> AppendPlan:
+        """The hot loop of ingest: one SHA-256 (``link_hash`` inlined, fed in three pieces
+        instead of a concatenated copy) and one row tuple per event. :func:`key_id_of`,
+        :func:`owner_of` and :func:`version_of` are inlined too (a call each per event was
+        a sixth of the loop); the tenant rules are those of :func:`resolve_tenant`."""
+        plan = AppendPlan()
+        add, known_owners, tenants = plan.rows.append, self._owners, self._tenants
+        fresh, pack = hashlib.sha256().copy, _U64.pack  # a copied context: no digest look-up
+        sequence, prev = self.head.sequence, self.head.hash
+        for item in part:
+            event, canonical, origin = item.event, item.canonical, item.origin
+            data, event_id, type_ = event.data, event.id, event.type
+            key_id = event.subject or _key_id_in(data)
+            tenant = data.get("owner")
+            if not (tenant and isinstance(tenant, str)):
+                tenant = _known_tenant(event, key_id, known_owners, tenants)
+            tenants[event_id] = tenant
+            if key_id is not None and tenant is not None and key_id not in known_owners:
+                known_owners[key_id] = tenant
+            version = data.get("version")
+            if not isinstance(version, int) or isinstance(version, bool):
+                version = None
+            sequence += 1
+            link = fresh()
+            link.update(prev)
+            link.update(pack(sequence))
+            link.update(canonical)
+            digest = link.digest()
+            add((sequence, event_id, type_, key_id, version, event.source, tenant,
+                 event.correlationid, event.time, origin.topic, origin.partition,
+                 origin.offset, canonical.decode("utf-8"), prev, digest))
+            prev = digest
+            if type_ in CHECKPOINT_TYPES:
+                plan.checkpoint_traffic += 1
+                checkpoint = checkpoint_of(event, sequence) if type_ == CHECKPOINT_EVENT \
+                    else None
+                if checkpoint is not None:
+                    plan.checkpoints.append(checkpoint)
+        self.head = ChainHead(sequence, prev)
+        self.checkpoint_traffic += plan.checkpoint_traffic
+        return plan
 
 
 def _key_id_in(data: Mapping[str, object]) -> str | None:
