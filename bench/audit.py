@@ -47,10 +47,12 @@ indexed columns re-checked against each event (Postgres parses every event as js
 HOW = """How: ingest seals a batch straight into row tuples in the table's column order (one
 SHA-256 per event fed in three pieces, the field helpers inlined, no object per event) and,
 on the optimistic path (the head this process wrote last), makes no pass for repeats and
-writes the batch as one `COPY` statement: atomic and durable when it returns, no
-`BEGIN`/`COMMIT` round trips; the unique `sequence` and `event_id` refuse it if another
-writer got there first or an event is a repeat, and the checked path (append lock, id
-look-up) runs instead. The remaining gap to the bare table is the indexes the contract needs,
+writes the batch by `COPY` — one statement for up to 250 events (atomic and durable when it
+returns, no `BEGIN`/`COMMIT` round trips), in parts of 250 in one transaction for more, the
+next part sealed while the server inserts the previous one (two parts measured ~5 % ahead
+of one COPY, four slower); the unique `sequence` and `event_id` refuse it if another writer
+got there first or an event is a repeat, and the checked path (append lock, id look-up)
+runs instead. The remaining gap to the bare table is the indexes the contract needs,
 measured as Postgres CPU per row on these rows: bare table 4.9 µs, + primary key 0.3,
 + BRIN 0.5, + the unique index on random event ids 3.4 (a `uuid` column in place of the
 text id measured no cheaper, 8.6 µs for both with the key; a hash exclusion constraint no
