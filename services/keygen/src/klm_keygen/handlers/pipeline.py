@@ -282,11 +282,11 @@ class PipelinedConsumer:
     (``klm.requests`` and ``klm.crypto.requests``, each also per tenant by pattern).
 
     FastStream's consume path and middlewares were ~27 % of keygen's CPU serving small
-    batches (py-spy, docs/benchmarks.md). Here ``getmany`` waits until records arrive, and a
-    batch goes straight to its
-    :class:`BatchPipeline` (also the rebalance listener) under KLM's inbound telemetry
-    (per-record spans continuing each record's trace, request metrics, lag). Offsets are
-    committed by the pipeline only (no auto-commit), so the delivery rules above hold."""
+    batches (py-spy, docs/benchmarks.md). Here ``getmany`` waits until records arrive, and
+    a batch goes straight to its :class:`BatchPipeline` (also the rebalance listener) under
+    KLM's inbound telemetry (per-record spans continuing each record's trace, request
+    metrics, lag). Offsets are committed by the pipeline only (no auto-commit), so the
+    delivery rules above hold."""
 
     def __init__(self, name: str, settings: KlmSettings, group_id: str,
                  serve: Callable[[Sequence[ConsumerRecord[bytes, bytes]]], Serve], *,
