@@ -283,3 +283,34 @@ async def start_service(name: str, env: dict[str, str], log_dir: Path,
             await asyncio.sleep(0.3)
     service.stop()
     raise TimeoutError(f"klm-{name} not ready after {timeout}s:\n{log.read_text()[-2000:]}")
+
+
+class CpuMeter:
+    """CPU seconds used by one process and by the whole machine between start and stop."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def _sample(self) -> tuple[float, float, float]:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        proc = (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime
+        cpu = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = (cpu[3] + cpu[4]) / self.tick
+        return proc, sum(cpu) / self.tick - idle, time.perf_counter()
+
+    def __enter__(self) -> CpuMeter:
+        self._start = self._sample()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        end = self._sample()
+        self.process, self.busy, self.wall = (e - s for e, s in
+                                              zip(end, self._start, strict=True))
+
+
+def kafka_pid() -> int | None:
+    """The local Kafka broker's process (for its CPU time), if one runs."""
+    found = subprocess.run(["pgrep", "-f", "kafka.Kafka"], capture_output=True, text=True,
+                           check=False).stdout.split()
+    return int(found[0]) if found else None

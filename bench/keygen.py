@@ -34,6 +34,7 @@ from typing import Any
 import asyncpg
 import pkcs11
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from benchlib import CpuMeter
 from pkcs11 import Attribute, KeyType, Mechanism
 from pkcs11.util.ec import encode_named_curve_parameters
 
@@ -210,30 +211,6 @@ def request_bytes(fields: dict[str, Any], i: int) -> tuple[str, bytes]:
     return ev.id, ev.to_bytes()
 
 
-class CpuMeter:
-    """CPU seconds used by one process and by the whole machine between start and stop."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.tick = os.sysconf("SC_CLK_TCK")
-
-    def _sample(self) -> tuple[float, float, float]:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        proc = (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime
-        cpu = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = (cpu[3] + cpu[4]) / self.tick
-        return proc, sum(cpu) / self.tick - idle, time.perf_counter()
-
-    def __enter__(self) -> CpuMeter:
-        self._start = self._sample()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        end = self._sample()
-        self.process, self.busy, self.wall = (e - s for e, s in
-                                              zip(end, self._start, strict=True))
-
-
 async def max_rate(producer: AIOKafkaProducer, answers: Answers, topic: str,
                    fields: dict[str, Any], n: int) -> float:
     """Publish ``n`` requests at once; keys per second until the last answer."""
@@ -342,22 +319,25 @@ ANALYSIS = [
     "keys are generated while the previous batch's transaction commits, transactions stay "
     "in order, offsets are committed only up to the batches that are durable, and a failed "
     "batch and those after it are rewound and delivered again; FastStream's per-batch log "
-    "lines moved to DEBUG (they were ~6 % of keygen's CPU with one-request batches).",
+    "lines moved to DEBUG (they were ~6 % of keygen's CPU with one-request batches). Since "
+    "2026-11-28 17:00 UTC keygen reads `klm.requests` with a plain aiokafka consumer "
+    "(`PipelinedConsumer`: `getmany` waits for records, no FastStream middleware stack per "
+    "batch), producers send without linger (aiokafka's 1-2 ms linger added 2-5 ms per hop), "
+    "offsets are committed at most every 50 ms, and the other services' FastStream "
+    "subscribers no longer poll every 5 ms (idle, the four services used ~30 % of a core "
+    "doing that; now ~8 %).",
     "",
     "Latency at half the burst maximum: the burst is served in batches of up to 500, the "
-    "paced load in small batches, whose fixed cost per batch (FastStream's consume path and "
-    "telemetry, the HSM thread hop, BEGIN…COMMIT with its WAL flush, the offset commit, the "
-    "relay's own transaction) is paid by few keys; on this shared 2-core machine (load 3-4 "
-    "from other work during these runs) the paced rate is then close to what keygen's CPU "
-    "share allows, and requests queue (*in→made*). A/B runs on the same machine minutes "
-    "apart (`--keygen-env KLM_REQUESTS_PIPELINE_DEPTH=0` vs 3, `--rate 250 --only 'EC "
-    "P-256' --quick`, 14:34-14:36 UTC) gave p50 124 / 608 ms (one batch at a time) and "
-    "228 / 392 ms (pipelined): the raw rate itself moved between 1,714 and 2,346/s over "
-    "those four minutes, so the run-to-run noise is larger than the difference. What is "
-    "left, measured: CPU per key (second table) on a machine whose other tenants take most "
-    "of it; next steps are fewer Python layers per batch (a plain aiokafka consumer loop "
-    "instead of FastStream's middleware stack for the hot subscribers) and publishing "
-    "committed facts straight from memory instead of waking the relay.",
+    "paced load in small batches, whose fixed cost per batch (the HSM thread hop, "
+    "BEGIN…COMMIT with its WAL flush, the relay's own transaction, the Kafka requests) is "
+    "paid by few keys; on this shared 2-core machine the paced rate is then close to what "
+    "the CPU left to keygen allows, and requests queue (*in→made*). Not met, and why, "
+    "measured: the whole machine's CPU per generated key (second table: keygen's own cost, "
+    "SoftHSM included, and how busy the machine was) — Kafka, PostgreSQL, the reader and "
+    "keygen share 2 cores, and the HSM's gen+wrap alone is a third to a half of keygen's "
+    "cost. The remaining step we see is publishing committed facts straight from memory "
+    "instead of waking the relay to read them back (one transaction and one query fewer "
+    "per batch).",
 ]
 
 

@@ -156,6 +156,13 @@ FINDINGS = """### Reading (2026-11-28) and what was done
     one statement (`klm_common/outbox.py` `_LOCKED_BATCH`), committed with
     `synchronous_commit` off for that transaction only (losing it republishes rows, which
     consumers drop by event id).
+  - FastStream's batch subscribers polled (`getmany` 5 ms, then a 5 ms sleep when empty):
+    ~30 % of a core for the four idle services; they now wait in `getmany`
+    (`klm_common/kafka.py` `_wait_for_records`), ~8 %.
+- Removed in keygen: its hot topics are read by plain aiokafka consumers
+  (`handlers/pipeline.py` `PipelinedConsumer`, no FastStream middleware stack per batch;
+  it was ~27 % of keygen's samples serving small batches), and offsets are committed at most
+  every 50 ms rather than once per batch.
 - Socket writes (`asyncio/selector_events.py` `_SelectorSocketTransport.write`) are a large
   own-time frame in both services: every Kafka request (fetch, produce, offset commit) and
   every PostgreSQL statement is a syscall, and syscalls are slow on this VM; at this
@@ -170,7 +177,8 @@ FINDINGS = """### Reading (2026-11-28) and what was done
     samples; `klm_audit/projection.py` `Projector._run` → `postgres_store.project` ~12 %
     (read models rebuilt next to ingest).
   - aiokafka's `GroupCoordinator._commit_refresh_routine` fetching committed offsets, and
-    one offset commit per batch (our delivery rule: commit after the effects are durable).
+    audit's one offset commit per batch (our delivery rule: commit after the effects are
+    durable).
 """
 
 

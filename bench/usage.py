@@ -26,7 +26,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import KlmNamespace, Summary, provenance, start_service, summary, write_section
+from benchlib import (
+    CpuMeter,
+    KlmNamespace,
+    Summary,
+    kafka_pid,
+    provenance,
+    start_service,
+    summary,
+    write_section,
+)
 
 from klm_common.algorithms import Algorithm, Usage
 from klm_common.client import KlmClient
@@ -43,6 +52,10 @@ class Figures:
     max_load: Summary
     half_load: Summary
     half_target: float
+    #: CPU µs per request of keygen, this process (the client) and the Kafka broker, at the
+    #: maximum and at half load
+    cpu_max: dict[str, float]
+    cpu_half: dict[str, float]
 
 
 # ---- raw, in process --------------------------------------------------------------------------
@@ -179,13 +192,36 @@ async def open_loop(call: Callable[[], Awaitable[Any]], rate: float, seconds: fl
 
 
 async def measure(klm: KlmClient, name: str, call: Callable[[], Awaitable[Any]], raw: float,
-                  seconds: float, in_flight: int) -> Figures:
+                  seconds: float, in_flight: int, pids: dict[str, int]) -> Figures:
     for _ in range(200):  # warm up: handle cache, producer metadata, consumer fetches
         await call()
-    max_load = await closed_loop(call, seconds, in_flight)
+    with Meters(pids) as at_max:
+        max_load = await closed_loop(call, seconds, in_flight)
     half = max_load.rate / 2
-    half_load = await open_loop(call, half, seconds)
-    return Figures(name, raw, max_load, half_load, half)
+    with Meters(pids) as at_half:
+        half_load = await open_loop(call, half, seconds)
+    return Figures(name, raw, max_load, half_load, half,
+                   at_max.per_request(max_load), at_half.per_request(half_load))
+
+
+class Meters:
+    """CPU time of each process named in ``pids`` over a ``with`` block."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.meters = {name: CpuMeter(pid) for name, pid in pids.items()}
+
+    def __enter__(self) -> Meters:
+        for meter in self.meters.values():
+            meter.__enter__()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for meter in self.meters.values():
+            meter.__exit__()
+
+    def per_request(self, load: Summary) -> dict[str, float]:
+        done = max(1, load.count)
+        return {name: 1e6 * m.process / done for name, m in self.meters.items()}
 
 
 def section(figures: list[Figures], seconds: float, in_flight: int,
@@ -209,7 +245,8 @@ def section(figures: list[Figures], seconds: float, in_flight: int,
             "batches in flight (the next one is served while earlier replies wait for "
             "their acks; offsets committed once they are acknowledged)"
             + (f"; keygen settings: {extra}" if extra else "") + "\n\n"
-            + "\n".join(rows) + f"\n\nFailed calls (timeouts, refusals): {FAILURES or 'none'}."
+            + "\n".join(rows) + "\n\n" + cpu_table(figures)
+            + f"\n\nFailed calls (timeouts, refusals): {FAILURES or 'none'}."
             f"\n\nPython work per request around the HSM call, same run: client builds the "
             f"request {codec['client']:.0f} µs, keygen parses it and builds the reply "
             f"{codec['keygen']:.0f} µs, client reads the reply {codec['client reply']:.0f} µs "
@@ -223,33 +260,51 @@ def section(figures: list[Figures], seconds: float, in_flight: int,
             "Postgres).\n\n" + ANALYSIS)
 
 
-ANALYSIS = """\
-What limits these figures, measured (2026-11-28 14:00-14:30 UTC, load average 3.3-5.9 from
-other work on the 2 cores; open-loop probe, CPU time of each process from /proc):
+def cpu_table(figures: list[Figures]) -> str:
+    """Where each request's CPU goes, same run, and the rate the 2 cores could carry at that
+    cost if every process ran in parallel and nothing else used the machine."""
+    names = list(figures[0].cpu_max)
+    rows = ["CPU per request (µs, from /proc; keygen includes the HSM work, SoftHSM runs in "
+            "its process) and the rate 2 cores allow at that cost:", "",
+            "| operation | load | " + " | ".join(names) + " | total | 2 cores allow (ops/s) "
+            "| 50 % of raw |", "|---|---|" + "---:|" * (len(names) + 3)]
+    for f in figures:
+        for load, cpu in (("max", f.cpu_max), ("half", f.cpu_half)):
+            total = sum(cpu.values())
+            rows.append(f"| {f.operation} | {load} | "
+                        + " | ".join(f"{cpu[n]:,.0f}" for n in names)
+                        + f" | {total:,.0f} | {2e6 / total:,.0f} | {f.raw_rate / 2:,.0f} |")
+    return "\n".join(rows)
 
-- CPU per request at a steady load, keygen / client: 3.4 / 1.6 ms at 100/s, 0.9-1.1 / 0.6-0.7
-  ms at 400/s, 0.5-0.6 / 0.4-0.5 ms at 700/s — the fixed cost of a batch and of each event-loop
-  wake-up dominates small batches (idle keygen alone uses ~9 % of a core: six subscribers
-  polling every 5 ms). With the Kafka broker's share, a request costs well over 1 ms of CPU,
-  so on what other tenants leave of the 2 cores the *half* load (set from a closed-loop
-  maximum served in big, cheap batches) is close to the capacity for the small batches a
-  steady load makes, and requests queue: the latency at half load measures that, not a
-  pipeline stall.
-- py-spy of keygen serving one-request batches: FastStream's consume path and middlewares
-  ~27 % of samples, the usage handler itself ~18 %, polling `getmany` ~13 %, FastStream's
-  per-batch log lines ~6 % (now at DEBUG), aiokafka's pure-Python murmur2 partitioner ~7 % of
-  the client (now hashed once per key).
-- Changed (2026-11-28 14:20 UTC): batches are pipelined (`handlers/pipeline.py`,
-  `KLM_USAGE_PIPELINE_DEPTH`, default 4; 0 = one at a time): the next batch is served while
-  earlier replies wait for their acks; offsets are committed up to the batches whose replies
-  are acknowledged; a failed batch and those after it are rewound and answered again (same
-  reply ids). A/B minutes apart (`--no-write --keygen-env KLM_USAGE_PIPELINE_DEPTH=0` vs 4,
-  14:27-14:29 UTC): half-load p50/p99 sign 772/1,752 vs 607/1,314 ms, encrypt 1,491/3,477 vs
-  88/391 ms; closed-loop maximum sign 1,307 vs 1,064/s, encrypt 1,659 vs 1,154/s — the raw
-  rates moved by 10-20 % between those runs, so the noise is of the size of the differences.
-- Not met: ≥ 50 % of raw and p99 ≤ 20 ms at half load. Next steps, to be measured on a quiet
-  machine: serve the crypto topic from a plain aiokafka loop (no FastStream middleware stack
-  per batch, no 5 ms empty polls), and a client whose reply path wakes once per fetch.
+
+ANALYSIS = """\
+What limits these figures (the CPU table above is the measurement): every request costs
+CPU in three processes — keygen (parse, authorise, the HSM call, the reply), the client
+(build, send, read the reply) and the Kafka broker (two produce requests, two fetches, and
+the offset commits) — and all of them share the 2 cores with the HSM. At the maximum
+(closed loop, big batches) the total is ~0.5-0.65 ms per request, so even with every
+process running in parallel on a quiet machine the 2 cores carry fewer requests than 50 %
+of the raw rate ("2 cores allow" vs "50 % of raw"): the target is out of reach on this
+machine for ECDSA, and far out of reach for AES-GCM, whose raw HSM call is ~30 µs. At half
+load the batches are small and the cost per request doubles (fixed costs per fetch, produce
+and wake-up); the half load is then a large share of what the cores allow, and requests
+queue: that, not a stall, is the p99.
+
+Done, in order (2026-11-28):
+- 14:20 UTC: batches pipelined (`handlers/pipeline.py`, `KLM_USAGE_PIPELINE_DEPTH`, 4):
+  the next batch is served while earlier replies wait for their acks; offsets committed up to
+  the batches whose replies are acknowledged; a failed batch and those after it rewound.
+- 17:00 UTC: keygen reads the crypto topics with a plain aiokafka consumer
+  (`PipelinedConsumer`, no FastStream middleware stack per batch, no poll-and-sleep);
+  producers without linger (aiokafka's 1-2 ms linger added 2-5 ms per hop); offsets
+  committed at most every 50 ms (at 500 requests/s the broker's CPU per request fell from
+  ~0.87 to ~0.54 ms); the client reads replies in batches; the other services' FastStream
+  subscribers wait in `getmany` instead of polling every 5 ms. One sequential sign at 50/s:
+  p50 15.6 → 7.3 ms.
+- 17:15 UTC: a batch is served in chunks of 64: a timeline of the closed loop had shown
+  lock-step turns of ~165 ms (one batch of 256 parsed 27 ms, signed 55 ms, answered 16 ms,
+  sent 10 ms, then nothing in flight); now the HSM signs one chunk while the event loop
+  parses the next and answers the previous.
 """
 
 
@@ -271,8 +326,11 @@ async def main() -> None:
         print(f"keygen log: {logs / 'keygen.log'}", file=sys.stderr)
         keygen = await start_service("keygen", ns.env, logs, **extra)
         try:
+            pids = {"keygen": keygen.proc.pid, "client": os.getpid()}
+            if (broker := kafka_pid()) is not None:
+                pids["Kafka"] = broker
             async with KlmClient(ns.settings(), source="bench/usage", timeout=60) as klm:
-                figures = await run(klm, raw, args.seconds, args.in_flight)
+                figures = await run(klm, raw, args.seconds, args.in_flight, pids)
         finally:
             keygen.stop()
     finally:
@@ -284,7 +342,7 @@ async def main() -> None:
 
 
 async def run(klm: KlmClient, raw: dict[str, float], seconds: float,
-              in_flight: int) -> list[Figures]:
+              in_flight: int, pids: dict[str, int]) -> list[Figures]:
     ec = await klm.generate_key(owner=OWNER, name="bench-ec", algorithm="EC", curve="P-256")
     aes = await klm.generate_key(owner=OWNER, name="bench-aes", algorithm="AES-256")
     assert Algorithm.AES.value == aes.data["algorithm"]
@@ -292,10 +350,10 @@ async def run(klm: KlmClient, raw: dict[str, float], seconds: float,
     return [
         await measure(klm, "ECDSA P-256 sign",
                       lambda: klm.sign(ec_id, PAYLOAD, owner=OWNER, timeout=30),
-                      raw["ECDSA P-256 sign"], seconds, in_flight),
+                      raw["ECDSA P-256 sign"], seconds, in_flight, pids),
         await measure(klm, "AES-256-GCM encrypt 1 KiB",
                       lambda: klm.encrypt(aes_id, PAYLOAD, owner=OWNER, timeout=30),
-                      raw["AES-256-GCM encrypt 1 KiB"], seconds, in_flight),
+                      raw["AES-256-GCM encrypt 1 KiB"], seconds, in_flight, pids),
     ]
 
 
