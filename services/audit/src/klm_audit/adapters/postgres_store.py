@@ -75,7 +75,7 @@ SELECT a.sequence, a.event_id, a.type, a.subject, a.key_version, a.source, a.ten
    AND ($7::text IS NULL OR k.tenant = $7)
  ORDER BY k.sequence LIMIT $8"""  # noqa: S608 - composed of constants
 
-# the rows ChainVerifier.feed_copy reads (binary COPY), in sequence order: the hash input
+# the rows verify_segment / SegmentStream read (binary COPY), in sequence order: the hash input
 # of each row is one field, so the client hashes one slice of what it received
 _CHAIN_COPY = """
 SELECT prev_hash || int8send(sequence) || textsend(canonical), hash
@@ -346,7 +346,7 @@ class PostgresAuditStore:
 
     async def chain_copy(self, after: int, upto: int) -> bytes:
         """The rows after < sequence <= upto as one binary ``COPY`` stream for
-        :meth:`ChainVerifier.feed_copy`: no per-row driver objects."""
+        :func:`~klm_audit.domain.hash_chain.verify_segment`: no per-row driver objects."""
         async with self._pool.acquire() as conn:
             return await _copy_chain(conn, after, upto)
 

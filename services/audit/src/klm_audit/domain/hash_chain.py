@@ -147,19 +147,6 @@ class ChainVerifier:
         """Check ``links``; return False once the chain is broken."""
         return self.feed_rows((k.sequence, k.prev_hash, k.hash, k.canonical) for k in links)
 
-    def feed_copy(self, copied: bytes) -> bool:
-        """Check the rows of a binary ``COPY`` of ``(prev_hash || uint64_be(sequence) ||
-        canonical, hash)`` (:func:`copy_rows`; what the Postgres store streams): each row's
-        hash input is one zero-copy slice, so a row costs one SHA-256, two prefix tests and
-        no per-row objects from the driver. False once the chain is broken."""
-        if self.broken is not None:
-            return False
-        offset, end = copy_span(copied)
-        offset = self.feed_copied(copied, offset, end)
-        if self.broken is None and offset < end:  # a last row that is not a whole link
-            self._break_at(copied, offset)
-        return self.broken is None
-
     def feed_copied(self, data: bytes, offset: int, end: int) -> int:
         """Check the whole rows of a binary ``COPY`` stream in ``data[offset:end]`` (rows
         only: no header, no trailer) and return the offset of the first row not wholly in
@@ -389,15 +376,6 @@ def _whole_row(data: bytes, offset: int) -> bool:
     return len(data) >= stop + 4 + max(hash_size, 0)
 
 
-def copy_span(copied: bytes) -> tuple[int, int]:
-    """Offsets of the first row and of the trailer of a PostgreSQL binary ``COPY`` stream
-    (signature, flags, header extension; rows; int16 -1)."""
-    if not copied.startswith(_COPY_SIGNATURE) or not copied.endswith(_COPY_TRAILER):
-        raise ValueError("not a complete binary COPY stream")
-    (extension,) = _I32.unpack_from(copied, len(_COPY_SIGNATURE) + 4)
-    return len(_COPY_SIGNATURE) + 8 + extension, len(copied) - len(_COPY_TRAILER)
-
-
 def _copied_row(copied: bytes, offset: int) -> ChainRow:
     """``(sequence, prev_hash, hash, canonical)`` of the row at ``offset`` (slow path)."""
     (size,) = _I32.unpack_from(copied, offset + 2)
@@ -410,7 +388,7 @@ def _copied_row(copied: bytes, offset: int) -> ChainRow:
 
 
 def copy_rows(rows: Iterable[ChainRow]) -> bytes:
-    """The binary ``COPY`` stream :meth:`ChainVerifier.feed_copy` reads: per row two fields,
+    """The binary ``COPY`` stream :func:`verify_segment` reads: per row two fields,
     ``prev_hash || uint64_be(sequence) || canonical`` and ``hash`` (what the Postgres store's
     ``COPY (SELECT prev_hash || int8send(sequence) || textsend(canonical), hash …)`` sends)."""
     out = [_COPY_SIGNATURE, bytes(8)]
