@@ -28,6 +28,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from klm_chainlink import BAD, END, REACHED, verify_rows
+
 GENESIS = bytes(32)
 _U64 = struct.Struct(">Q")
 _I32 = struct.Struct(">i")
@@ -35,13 +37,13 @@ _I32 = struct.Struct(">i")
 _ROW_HEAD = struct.Struct(">hi")
 _COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 _COPY_TRAILER = b"\xff\xff"
-#: the length word of a 32-byte hash field
-_HASH_FIELD = struct.pack(">i", 32)
 #: prev_hash and uint64 sequence in front of the canonical bytes
 _PREFIX = 40
 _PREV_HASH_REASON = ("prev_hash does not equal the hash of sequence {}: a row was rewritten, "
                      "removed or reordered")
 _MAX_EXACT_INT = 2**53
+#: ``last`` for :func:`verify_rows` when no sequence ahead is watched
+_NOT_WATCHED = 2**64 - 1
 
 
 class NotCanonicalisable(ValueError):
@@ -151,40 +153,24 @@ class ChainVerifier:
         """Check the whole rows of a binary ``COPY`` stream in ``data[offset:end]`` (rows
         only: no header, no trailer) and return the offset of the first row not wholly in
         it, where the next piece of the stream continues (:class:`SegmentStream`). The hot
-        loop of verification; a row that does not hold sets :attr:`broken` (the offset
-        returned then means nothing)."""
+        loop of verification runs in :func:`klm_chainlink.verify_rows` (C, or the same loop
+        in Python where the extension is not built), stopping after each watched sequence
+        to keep its hash; a row that does not hold sets :attr:`broken` (the offset returned
+        then means nothing)."""
         if self.broken is not None:
             return offset
-        # copying a fresh SHA-256 context skips OpenSSL's per-call digest look-up
-        view, fresh, size_at, pack = memoryview(data), hashlib.sha256().copy, \
-            _I32.unpack_from, _U64.pack
-        starts_with, watch, hashes_at = data.startswith, self.watch, self.hashes_at
-        expected, prev = self.head_sequence + 1, self.head_hash
-        try:
-            while (body := offset + 6) <= end:
-                stop = body + size_at(data, offset + 2)[0]
-                if stop + 36 > end:
-                    break  # the row goes on in the next piece (or is malformed: the caller)
-                link = fresh()
-                link.update(view[body:stop])
-                digest = link.digest()
-                # stored prev_hash || sequence as expected, then a 32-byte hash field holding
-                # exactly the recomputed digest
-                if not (stop - body >= _PREFIX and starts_with(prev + pack(expected), body)
-                        and starts_with(_HASH_FIELD + digest, stop)):
-                    if not _whole_row(data, offset):
-                        break  # a hash field of another length: name it when it is whole
-                    self.checked += expected - 1 - self.head_sequence
-                    self.head_sequence, self.head_hash = expected - 1, prev
-                    self._break_at(data, offset)
-                    return offset
-                if expected in watch:
-                    hashes_at[expected] = digest
-                expected, prev, offset = expected + 1, digest, stop + 36
-        finally:
-            if self.broken is None:
-                self.checked += expected - 1 - self.head_sequence
-                self.head_sequence, self.head_hash = expected - 1, prev
+        expected, prev, status = self.head_sequence + 1, self.head_hash, END
+        for last in (*sorted(s for s in self.watch if s >= expected), _NOT_WATCHED):
+            offset, expected, prev, status = verify_rows(data, offset, end, expected, prev,
+                                                         last)
+            if status != REACHED:
+                break
+            self.hashes_at[last] = prev
+        self.checked += expected - 1 - self.head_sequence
+        self.head_sequence, self.head_hash = expected - 1, prev
+        # a hash field of another length: named when the row is whole
+        if status == BAD and _whole_row(data, offset):
+            self._break_at(data, offset)
         return offset
 
     def _break_at(self, data: bytes, offset: int) -> None:
