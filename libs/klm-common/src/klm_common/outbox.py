@@ -5,6 +5,15 @@ committed rows in ``seq`` order with an idempotent producer and deletes them onc
 acknowledged them (acks=all). A crash between the two republishes — consumers dedupe by
 event ``id`` — so nothing is lost and nothing is applied twice.
 
+A service on a hot path may also publish its committed rows straight from memory
+(:meth:`OutboxRelay.claim` in the transaction, :meth:`OutboxRelay.publish_committed` after
+its commit): the rows are still written in the transaction — that is the durability
+guarantee — but the relay need not read them back (one transaction and one query fewer per
+batch). Nothing is published before its transaction committed; once Kafka acknowledged
+them, their rows are deleted in one statement. What the direct path could not publish (Kafka
+or Postgres failed, a crash between produce and delete) is left in the table, and the relay
+publishes it again with the SAME event ids, which consumers dedupe.
+
 Every service's migrations create the same table::
 
     CREATE TABLE outbox (seq bigserial PRIMARY KEY, topic text NOT NULL, key bytea,
@@ -15,10 +24,13 @@ Every service's migrations create the same table::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -42,17 +54,38 @@ _LOCKED_BATCH = """
     WITH relay_lock AS MATERIALIZED (
         SELECT pg_try_advisory_xact_lock($1) AS held,
                set_config('synchronous_commit', 'off', true) AS no_flush_wait)
-    SELECT seq, topic, key, value, headers FROM outbox, relay_lock
-    WHERE relay_lock.held ORDER BY seq LIMIT $2"""
+    SELECT relay_lock.held, o.* FROM relay_lock LEFT JOIN LATERAL (
+        SELECT seq, topic, key, value, headers FROM outbox
+        WHERE relay_lock.held AND seq <> ALL($3::bigint[]) ORDER BY seq LIMIT $2) o ON true"""
+#: rows published from memory (see OutboxRelay.publish_committed): like the relay's delete,
+#: a lost commit only means a republish, so no wait for the WAL flush
+_DELETE_PUBLISHED = """
+    WITH no_flush_wait AS MATERIALIZED (
+        SELECT set_config('synchronous_commit', 'off', true) AS setting)
+    DELETE FROM outbox WHERE seq = ANY($1::bigint[])
+      AND EXISTS (SELECT FROM no_flush_wait)"""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """An outbox row as written: what the relay would read back, kept in memory."""
+
+    seq: int
+    topic: str
+    key: bytes | None
+    value: bytes
+    #: the row's ``headers`` (JSON): content type and the trace context to continue
+    headers: str
 
 
 async def add_to_outbox(conn: asyncpg.Connection, topic: str,
-                        events: Sequence[CloudEvent]) -> None:
+                        events: Sequence[CloudEvent]) -> list[OutboxRow]:
     """Queue ``events`` for ``topic`` in the caller's transaction, with the trace context:
     that of the inbound record the event answers when a batch consumer is handling one
-    (see :mod:`klm_common.inbound_telemetry`), else the current one."""
+    (see :mod:`klm_common.inbound_telemetry`), else the current one. Returns the rows
+    written, in the events' order (for :meth:`OutboxRelay.claim`)."""
     if not events:
-        return
+        return []
     batch = inbound_telemetry.current_batch()
     current = _headers_json(None)
     keys, values, headers = [], [], []
@@ -62,11 +95,15 @@ async def add_to_outbox(conn: asyncpg.Connection, topic: str,
         values.append(ev.to_bytes())
         headers.append(current if context is None else _headers_json(context))
     # one statement for the batch (unnest keeps the order, so seq follows the events' order)
-    await conn.execute(
+    seqs = await conn.fetch(
         "INSERT INTO outbox (topic, key, value, headers) "
         "SELECT $1, k, v, h::jsonb FROM unnest($2::bytea[], $3::bytea[], $4::text[]) "
-        "WITH ORDINALITY AS e(k, v, h, n) ORDER BY n", topic, keys, values, headers)
+        "WITH ORDINALITY AS e(k, v, h, n) ORDER BY n RETURNING seq",
+        topic, keys, values, headers)
     inbound_telemetry.note_answers(events)
+    ordered = sorted(r["seq"] for r in seqs)  # drawn in insertion order
+    return [OutboxRow(seq, topic, key, value, header)
+            for seq, key, value, header in zip(ordered, keys, values, headers, strict=True)]
 
 
 def _headers_json(context: Context | None) -> str:
@@ -75,8 +112,32 @@ def _headers_json(context: Context | None) -> str:
     return json.dumps({"content-type": "application/cloudevents+json", **carrier})
 
 
+class _LeftBehind(Exception):
+    """Rows queued for a direct publish after an earlier one failed: left to the relay."""
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """Rows published from memory, waiting for Kafka's acknowledgements."""
+
+    rows: Sequence[OutboxRow]
+    acks: list[asyncio.Future[Any]]
+    spans: list[Any]
+    started: float
+
+
 class OutboxRelay(BackgroundTask):
-    """Background task publishing the outbox; :meth:`wake` after a commit for low latency."""
+    """Background task publishing the outbox; :meth:`wake` after a commit for low latency,
+    or hand it the committed rows (:meth:`claim`, :meth:`publish_committed`) to publish
+    them from memory.
+
+    Order: rows published from memory go out in commit order (one sender task). While rows
+    are *left behind* in the table (at start, after a crash; after a failed direct publish)
+    new rows are not published directly but left to the relay, which reads in ``seq``
+    order, until a relay round finds nothing left: so a backlog goes out before what
+    followed it, as with the relay alone. Rows this process claimed are skipped by its
+    relay; another instance's relay may still publish them in the moment before their
+    delete — a duplicate with the same event id, which consumers drop."""
 
     task_name = "outbox-relay"
 
@@ -90,10 +151,152 @@ class OutboxRelay(BackgroundTask):
         self.published = 0
         self.backlog = 0
         self.healthy = True
+        #: seqs this process publishes from memory (written, in flight, or being deleted)
+        self._claimed: set[int] = set()
+        #: True while rows may be left in the table for the relay (start: a crash may have)
+        self._behind = True
+        #: bumped whenever rows are left to the relay (see _settle_behind)
+        self._left_behind = 0
+        self._outgoing: deque[Sequence[OutboxRow]] = deque()
+        self._outgoing_ready = asyncio.Event()
+        self._in_flight: deque[_InFlight] = deque()
+        self._acks_ready = asyncio.Event()
+        self._direct_tasks: list[asyncio.Task[None]] = []
+        #: set whenever claimed rows are settled (deleted, left to the relay, rolled back)
+        self._settled = asyncio.Event()
 
     def wake(self) -> None:
         self._wakeup.set()
 
+    # ---- publishing committed rows from memory ------------------------------------------
+    def claim(self, rows: Sequence[OutboxRow]) -> bool:
+        """Called in the transaction that wrote ``rows`` (:func:`add_to_outbox`): True if
+        this process will publish them once it committed (:meth:`publish_committed`; or
+        :meth:`unclaim` if it rolled back); False if they are left to the relay (rows are
+        left behind, or the relay is not running) — then :meth:`wake` after the commit."""
+        if not rows or self._behind or self._task is None:
+            if rows:
+                self._left_behind += 1
+            return False
+        self._claimed.update(r.seq for r in rows)
+        return True
+
+    def unclaim(self, rows: Sequence[OutboxRow]) -> None:
+        """The transaction that wrote claimed ``rows`` did not commit: they do not exist."""
+        self._claimed.difference_update(r.seq for r in rows)
+        self._settled.set()
+
+    def publish_committed(self, rows: Sequence[OutboxRow]) -> None:
+        """Publish claimed ``rows`` whose transaction HAS committed (never before: a fact
+        must not leave before the state it announces is durable). Returns at once; the rows
+        are produced in the order of these calls and deleted once Kafka acknowledged them."""
+        if not rows:
+            return
+        self._outgoing.append(rows)
+        self._outgoing_ready.set()
+
+    async def _send_direct(self) -> None:
+        while True:
+            self._outgoing_ready.clear()
+            while self._outgoing:
+                rows = self._outgoing[0]
+                started = time.perf_counter()
+                acks, spans = [], []
+                try:
+                    if self._behind:  # an earlier direct publish failed: keep the order
+                        raise _LeftBehind
+                    for row in rows:
+                        headers, span = _publish_span(row.topic, _stored_headers(row.headers))
+                        spans.append(span)
+                        acks.append(await self._producer.send(row.topic, row.value,
+                                                              key=row.key, headers=headers))
+                except Exception as exc:
+                    for span in spans:
+                        span.end()
+                    self._leave_to_relay(rows, exc)
+                else:
+                    self._in_flight.append(_InFlight(rows, acks, spans, started))
+                    self._acks_ready.set()
+                finally:
+                    self._outgoing.popleft()
+            await self._outgoing_ready.wait()
+
+    async def _ack_direct(self) -> None:
+        """Wait for the acknowledgements in order; delete every acknowledged row gathered
+        meanwhile in one statement."""
+        while True:
+            self._acks_ready.clear()
+            done: list[OutboxRow] = []
+            while self._in_flight:
+                flight = self._in_flight[0]
+                try:
+                    await asyncio.gather(*flight.acks)
+                except Exception as exc:
+                    self._leave_to_relay(flight.rows, exc)
+                else:
+                    done.extend(flight.rows)
+                    self._observe(len(flight.rows), time.perf_counter() - flight.started)
+                finally:
+                    for span in flight.spans:
+                        span.end()
+                    self._in_flight.popleft()
+            if done:
+                await self._delete_published(done)
+            await self._acks_ready.wait()
+
+    async def _delete_published(self, rows: Sequence[OutboxRow]) -> None:
+        seqs = [r.seq for r in rows]
+        try:
+            await self._pool.execute(_DELETE_PUBLISHED, seqs)
+        except Exception as exc:  # published, but still in the table: the relay re-sends
+            log.warning("outbox: %d published rows not deleted (%s); the relay publishes "
+                        "them again (same event ids)", len(seqs), type(exc).__name__)
+            self._left_behind += 1
+            self.wake()
+        finally:
+            self._claimed.difference_update(seqs)
+            self._settled.set()
+        self.published += len(rows)
+
+    def _leave_to_relay(self, rows: Sequence[OutboxRow], exc: BaseException) -> None:
+        """A direct publish failed: the rows stay in the table for the relay, and new rows
+        go through the relay too until it has published what was left (order)."""
+        if not isinstance(exc, _LeftBehind):
+            log.warning("outbox: %d rows not published from memory (%s); the relay "
+                        "publishes them", len(rows), type(exc).__name__)
+        self._behind = True
+        self._left_behind += 1
+        self._claimed.difference_update(r.seq for r in rows)
+        self._settled.set()
+        self.wake()
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Wait until the rows handed to :meth:`publish_committed` are acknowledged and
+        deleted (or left to the relay)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self._claimed:
+                    self._settled.clear()
+                    await self._settled.wait()
+
+    def start(self) -> None:
+        super().start()
+        loop = asyncio.get_running_loop()
+        self._direct_tasks = [
+            loop.create_task(self._send_direct(), name="outbox-direct-send"),
+            loop.create_task(self._ack_direct(), name="outbox-direct-ack")]
+
+    async def stop(self) -> None:
+        """Publish what was committed and handed over, then stop."""
+        await self.drain()
+        for task in self._direct_tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._direct_tasks = []
+        await super().stop()
+
+    # ---- the relay ----------------------------------------------------------------------
     async def _run(self) -> None:
         while True:
             try:
@@ -111,13 +314,19 @@ class OutboxRelay(BackgroundTask):
 
     async def relay_once(self) -> int:
         """Publish one batch; return how many rows were moved."""
+        left_behind = self._left_behind
         async with self._pool.acquire() as conn, conn.transaction():
             # one round trip: take the relay lock, and read a batch only if we got it
-            rows = await conn.fetch(_LOCKED_BATCH, RELAY_LOCK_ID, self._batch)
+            # (without the rows this process publishes from memory)
+            read = await conn.fetch(_LOCKED_BATCH, RELAY_LOCK_ID, self._batch,
+                                    list(self._claimed))
+            rows = [r for r in read if r["seq"] is not None]
             if not rows:
                 if self.backlog:
                     self.backlog = 0
                     self._observe(0, 0.0)
+                if read and read[0]["held"]:
+                    self._settle_behind(left_behind)
                 return 0
             started = time.perf_counter()
             spans = []
@@ -141,12 +350,23 @@ class OutboxRelay(BackgroundTask):
         self._observe(len(rows), time.perf_counter() - started)
         return len(rows)
 
+    def _settle_behind(self, left_behind: int) -> None:
+        """The relay (holding the relay lock) read nothing, and nothing was left behind
+        since the read began: new rows may be published from memory again."""
+        if self._left_behind == left_behind:
+            self._behind = False
+
     def _observe(self, published: int, seconds: float) -> None:
         attrs = {"klm.service": telemetry.service_name()}
         if published:
             metrics.add(metrics.OUTBOX_PUBLISHED, published, attrs)
             metrics.record(metrics.OUTBOX_PUBLISH_DURATION, seconds, attrs)
         metrics.set_gauge(metrics.OUTBOX_BACKLOG, self.backlog, attrs)
+
+
+def _stored_headers(headers: str) -> dict[str, str]:
+    loaded: dict[str, str] = json.loads(headers)
+    return loaded
 
 
 def _publish_span(topic: str, stored: dict[str, str]) -> tuple[list[tuple[str, bytes]], Any]:

@@ -56,8 +56,10 @@ async def bootstrap(settings: KlmSettings) -> Keygen:
     hsm = Pkcs11Hsm(settings.hsm_module, settings.hsm_token_label, settings.hsm_user_pin)
     relay = OutboxRelay(pool, producer, batch=settings.outbox_batch)
     policies = _policies()
-    deps = Deps(hsm=hsm, keystore=PgKeystore(pool, topics.lifecycle),
-                dead_letters=DeadLetters(broker, topics, "keygen"), on_commit=relay.wake,
+    # the keystore hands its committed answers to the relay (published from memory, or
+    # the relay woken for them): no wake-up per batch
+    deps = Deps(hsm=hsm, keystore=PgKeystore(pool, topics.lifecycle, relay),
+                dead_letters=DeadLetters(broker, topics, "keygen"),
                 day_seconds=settings.day_seconds, policy=policies.default, policies=policies,
                 csrs=CertificateRequests(hsm, pool))
     return Keygen(settings, topics, broker, producer, pool, hsm, relay, deps)

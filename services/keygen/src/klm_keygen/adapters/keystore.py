@@ -5,6 +5,11 @@ A batch runs in a :meth:`PgKeystore.unit` (unit of work): claim the request ids 
 insert new keys, lock the existing keys it changes (``FOR UPDATE``), store their next state
 and queue the answers, then commit. The role has no DELETE on keys or versions: destruction
 clears the wrapped material (``wrapped = NULL``) and the metadata and history remain.
+
+With an :class:`~klm_common.outbox.OutboxRelay` the answers a unit queued are published
+from memory once its transaction committed (their outbox rows, written in the transaction,
+are deleted once Kafka has them; whatever that misses, the relay publishes with the same
+event ids): the relay does not read them back.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from klm_common import inbox
 from klm_common.algorithms import Protection
 from klm_common.envelope import CloudEvent
 from klm_common.errors import StoreUnavailable
-from klm_common.outbox import add_to_outbox
+from klm_common.outbox import OutboxRelay, OutboxRow, add_to_outbox
 from klm_common.states import TERMINAL_STATES, KeyState
 from klm_keygen.adapters.hsm import MASTER_KEK_LABEL
 from klm_keygen.domain.generation import NewKey
@@ -57,9 +62,11 @@ class KeystorePort(Protocol):
 
 
 class PgKeystore:
-    def __init__(self, pool: asyncpg.Pool, lifecycle_topic: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, lifecycle_topic: str,
+                 relay: OutboxRelay | None = None) -> None:
         self._pool = pool
         self._topic = lifecycle_topic
+        self._relay = relay
 
     async def processed(self, request_ids: Sequence[str]) -> set[str]:
         try:
@@ -69,9 +76,20 @@ class PgKeystore:
 
     @contextlib.asynccontextmanager
     async def unit(self) -> AsyncIterator[PgUnit]:
+        """One transaction; its answers are handed to the relay only once it committed
+        (a failed COMMIT may still have committed: then the relay finds the rows)."""
+        unit: PgUnit | None = None
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                yield PgUnit(conn, self._topic)
+            async with self._pool.acquire() as conn:
+                try:
+                    async with conn.transaction():
+                        unit = PgUnit(conn, self._topic, self._relay)
+                        yield unit
+                except BaseException:
+                    if unit is not None:
+                        unit.not_committed()
+                    raise
+                unit.committed()
         except _UNREACHABLE as exc:
             raise StoreUnavailable(f"keystore unreachable: {type(exc).__name__}") from exc
 
@@ -105,9 +123,15 @@ class PgKeystore:
 
 
 class PgUnit:
-    def __init__(self, conn: asyncpg.Connection, topic: str) -> None:
+    def __init__(self, conn: asyncpg.Connection, topic: str,
+                 relay: OutboxRelay | None = None) -> None:
         self._conn = conn
         self._topic = topic
+        self._relay = relay
+        #: rows this transaction wrote that the relay publishes from memory after commit
+        self._claimed: list[OutboxRow] = []
+        #: rows the relay reads back (wake it after commit)
+        self._left_to_relay = False
 
     async def claim(self, request_ids: Sequence[str]) -> set[str]:
         return await inbox.claim(self._conn, request_ids)
@@ -117,7 +141,22 @@ class PgUnit:
         return await _insert_keys(self._conn, keys)
 
     async def queue(self, answers: Sequence[CloudEvent]) -> None:
-        await add_to_outbox(self._conn, self._topic, answers)
+        rows = await add_to_outbox(self._conn, self._topic, answers)
+        if self._relay is not None and self._relay.claim(rows):
+            self._claimed.extend(rows)
+        elif rows:
+            self._left_to_relay = True
+
+    def committed(self) -> None:
+        if self._relay is None:
+            return
+        self._relay.publish_committed(self._claimed)
+        if self._left_to_relay:
+            self._relay.wake()
+
+    def not_committed(self) -> None:
+        if self._relay is not None:
+            self._relay.unclaim(self._claimed)
 
     async def lock_keys(self, key_ids: Sequence[str]) -> dict[str, KeyRecord]:
         """The keys (with their versions), locked until commit, in key order (no deadlock)."""
