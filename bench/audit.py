@@ -37,7 +37,9 @@ MEASURES = """What each line measures: **ingest** = `handlers.append` on batches
 events (dedupe, tenant, sequence, SHA-256 link, `COPY` — durable when it returns), the path
 the Kafka consumer takes before it commits the batch's offsets; **raw COPY** = the same rows
 (hashes precomputed) `COPY`ed in the same batches, each in a transaction, into a bare table
-(`LIKE audit.audit_log`: no index, no constraint); **projection** = the key inventory and
+(`LIKE audit.audit_log`: no index, no constraint); the two alternate in rounds (which one
+goes first alternates too) so that a burst of load on the shared machine weighs on both,
+and the ratio is that of the rates over all rounds; **projection** = the key inventory and
 the `event_keys` query index catching up on those events in their own transactions (not
 part of ingest); **history** = `store.history(key)` for 2,000 random keys, 20 events each,
 with all events stored; **verification** = `verify_store(columns=False)` over the whole
@@ -100,26 +102,58 @@ def workload(n: int, keys: int) -> list[Accepted]:
 
 
 async def ingest(store: PostgresAuditStore, batch: list[Accepted], size: int) -> float:
+    """Seconds to append ``batch`` through ``handlers.append`` in batches of ``size``."""
     start = time.perf_counter()
     for i in range(0, len(batch), size):
         await handlers.append(store, batch[i:i + size])
-    return len(batch) / (time.perf_counter() - start)
+    return time.perf_counter() - start
 
 
-async def raw_copy(conn: asyncpg.Connection, batch: list[Accepted], size: int) -> float:
-    await conn.execute("CREATE TABLE bench_raw (LIKE audit.audit_log)")
-    rows, prev = [], GENESIS
+async def raw_copy(conn: asyncpg.Connection, rows: list[tuple[object, ...]], size: int
+                   ) -> float:
+    """Seconds to ``COPY`` ``rows`` into ``bench_raw`` in batches of ``size``, each in a
+    transaction."""
+    start = time.perf_counter()
+    for i in range(0, len(rows), size):
+        async with conn.transaction():
+            await conn.copy_records_to_table("bench_raw", records=rows[i:i + size])
+    return time.perf_counter() - start
+
+
+def raw_rows(batch: list[Accepted]) -> list[tuple[object, ...]]:
+    """``batch`` as audit_log rows, hashes precomputed (not timed)."""
+    rows: list[tuple[object, ...]] = []
+    prev = GENESIS
     for seq, a in enumerate(batch, 1):
         digest = link_hash(prev, seq, a.canonical)
         rows.append((seq, a.event.id, a.event.type, a.event.subject, 1, a.event.source, "t",
                      None, a.event.time, T0, "bench", 0, seq, a.canonical.decode(), prev,
                      digest))
         prev = digest
-    start = time.perf_counter()
-    for i in range(0, len(rows), size):
-        async with conn.transaction():
-            await conn.copy_records_to_table("bench_raw", records=rows[i:i + size])
-    return len(rows) / (time.perf_counter() - start)
+    return rows
+
+
+async def ingest_against_raw(store: PostgresAuditStore, conn: asyncpg.Connection,
+                             batch: list[Accepted], size: int, rounds: int
+                             ) -> tuple[float, float, list[float]]:
+    """Ingest and the raw ``COPY`` of the same rows in alternating rounds (which goes first
+    alternates too), so a burst of load on this shared machine weighs on both alike: the
+    rates over all rounds, and each round's ingest/raw ratio."""
+    await conn.execute("CREATE TABLE bench_raw (LIKE audit.audit_log)")
+    rows, part = raw_rows(batch), -(-len(batch) // rounds)
+    ingest_seconds = raw_seconds = 0.0
+    ratios = []
+    for r in range(rounds):
+        events, copied = batch[r * part:(r + 1) * part], rows[r * part:(r + 1) * part]
+        if r % 2:
+            raw = await raw_copy(conn, copied, size)
+            ingested = await ingest(store, events, size)
+        else:
+            ingested = await ingest(store, events, size)
+            raw = await raw_copy(conn, copied, size)
+        ingest_seconds, raw_seconds = ingest_seconds + ingested, raw_seconds + raw
+        ratios.append(raw / ingested)
+    return len(batch) / ingest_seconds, len(batch) / raw_seconds, ratios
 
 
 async def history_latency(store: PostgresAuditStore, key_ids: list[str], samples: int
@@ -152,7 +186,8 @@ def machine(load_before: tuple[float, float, float], server: str) -> str:
             f"start, {load_after[0]:.1f} at end (1-minute, {os.cpu_count()} CPUs)")
 
 
-async def main(total: int, ingest_n: int, batch: int, write: bool = True) -> None:
+async def main(total: int, ingest_n: int, batch: int, rounds: int = 5, write: bool = True
+               ) -> None:
     load_before = os.getloadavg()
     settings = KlmSettings()
     name = f"bench_audit_{uuid.uuid4().hex[:8]}"
@@ -168,12 +203,12 @@ async def main(total: int, ingest_n: int, batch: int, write: bool = True) -> Non
         store = PostgresAuditStore(pool, PgChainSource(mine.service_dsn("audit")))
         keys = max(1, total // 20)
         events = workload(total, keys)
-        ingest_rate = await ingest(store, events[:ingest_n], batch)
+        db = await asyncpg.connect(mine.admin_dsn())
+        ingest_rate, raw_rate, ratios = await ingest_against_raw(store, db, events[:ingest_n],
+                                                                 batch, rounds)
         start = time.perf_counter()
         projected = await handlers.project(store)
         project_rate = projected / (time.perf_counter() - start)
-        db = await asyncpg.connect(mine.admin_dsn())
-        raw_rate = await raw_copy(db, events[:ingest_n], batch)
         await ingest(store, events[ingest_n:], 5000)  # fill up to `total` events
         await handlers.project(store)
         await db.execute("ANALYZE audit.audit_log")
@@ -199,7 +234,9 @@ async def main(total: int, ingest_n: int, batch: int, write: bool = True) -> Non
             f"| ingest ({ingest_n:,} events, batches of {batch}, durable) | "
             f"{ingest_rate:,.0f} events/s | ≥ 20,000 events/s |\n"
             f"| raw COPY of the same rows into a bare table | {raw_rate:,.0f} rows/s | — |\n"
-            f"| ingest / raw | {ingest_rate / raw_rate:.1%} | ≥ 50 % |\n"
+            f"| ingest / raw ({rounds} alternating rounds; each round's ratio from "
+            f"{min(ratios):.0%} to {max(ratios):.0%}) | {ingest_rate / raw_rate:.1%} | "
+            f"≥ 50 % |\n"
             f"| key-inventory projection catching up on those events (own transactions) | "
             f"{project_rate:,.0f} events/s | — |\n"
             f"| key history p50 / p99 ({total:,} events, {keys:,} keys) | "
@@ -234,8 +271,10 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--ingest", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="alternating rounds of ingest and raw COPY the ingest is cut in")
     parser.add_argument("--no-write", action="store_true",
                         help="print the table only; leave docs/benchmarks.md alone")
     args = parser.parse_args()
-    asyncio.run(main(args.events, min(args.ingest, args.events), args.batch,
+    asyncio.run(main(args.events, min(args.ingest, args.events), args.batch, args.rounds,
                      write=not args.no_write))
