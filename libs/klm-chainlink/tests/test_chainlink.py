@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import klm_chainlink
 from klm_chainlink import BAD, END, REACHED, reference
-from klm_chainlink.reference import VerifyRows
+from klm_chainlink.reference import LinkHashes, VerifyRows
 
 NONE = 2**64 - 1  # no sequence to stop after
 
@@ -91,3 +91,31 @@ def test_native_and_reference_agree_on_any_stream(
     offset = min(start, end)
     args = (bytes(stream), offset, end, first, prev, last)
     assert klm_chainlink.verify_rows(*args) == reference.verify_rows(*args)
+
+
+@pytest.mark.parametrize("hashes", [pytest.param(reference.link_hashes, id="reference")] + (
+    [pytest.param(klm_chainlink.link_hashes, id="native")] if klm_chainlink.NATIVE else []))
+def test_sealing_chains_the_links_the_verifier_checks(hashes: LinkHashes) -> None:
+    canonicals = [b"", b"x" * 300, b'{"a":1}']
+    data, head = rows(canonicals, 7, b"\x01" * 32)
+    sealed = hashes(b"\x01" * 32, 7, canonicals)
+    assert sealed[-1] == head and len(sealed) == 3
+    assert klm_chainlink.verify_rows(data, 0, len(data), 7, b"\x01" * 32, NONE) == (
+        len(data), 10, head, END)
+    assert hashes(bytes(32), 1, []) == []
+    with pytest.raises(ValueError, match="32 bytes"):
+        hashes(b"", 1, [])
+    with pytest.raises(TypeError, match="bytes"):
+        hashes(bytes(32), 1, ["text"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="positive"):
+        hashes(bytes(32), 0, [b""])
+
+
+@pytest.mark.skipif(not klm_chainlink.NATIVE, reason="the C extension is not built")
+@settings(max_examples=200, deadline=None)
+@given(prev=st.binary(min_size=32, max_size=32), first=st.integers(1, 2**63),
+       canonicals=st.lists(st.binary(max_size=200), max_size=10))
+def test_native_and_reference_seal_alike(prev: bytes, first: int, canonicals: list[bytes]
+                                         ) -> None:
+    assert klm_chainlink.link_hashes(prev, first, canonicals) == reference.link_hashes(
+        prev, first, canonicals)

@@ -1,6 +1,7 @@
-/* The hot loop of audit-chain verification, in C: klm_chainlink.reference.verify_rows is the
- * same function in Python (the specification, and the fallback when this module is not
- * built); tests/test_chainlink.py checks that both give the same answer on every input.
+/* The hot loops of the audit hash chain, in C: verification (verify_rows) and sealing
+ * (link_hashes). klm_chainlink.reference holds the same functions in Python (the
+ * specification, and the fallback when this module is not built); tests/test_chainlink.py
+ * checks that both give the same answer on every input.
  *
  * A binary COPY row as the audit store streams it (postgres_store._CHAIN_COPY):
  *   int16 field count | int32 n | prev_hash(32) || uint64_be(sequence) || canonical (n bytes)
@@ -87,7 +88,64 @@ static PyObject *verify_rows(PyObject *self, PyObject *args) {
     return Py_BuildValue("nKy#i", offset, expected, (const char *)prev, (Py_ssize_t)32, status);
 }
 
+/* link_hashes(prev, sequence, canonicals): the hashes of the links that follow `prev`, the
+ * first numbered `sequence`: SHA-256(prev || uint64_be(sequence) || canonical), chained. */
+static PyObject *link_hashes(PyObject *self, PyObject *args) {
+    Py_buffer prev_in;
+    unsigned long long sequence;
+    PyObject *canonicals, *items, *out;
+    unsigned char prev[32], number[8];
+    Py_ssize_t count, i;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*KO", &prev_in, &sequence, &canonicals))
+        return NULL;
+    if (prev_in.len != 32) {
+        PyBuffer_Release(&prev_in);
+        PyErr_SetString(PyExc_ValueError, "prev must be 32 bytes");
+        return NULL;
+    }
+    memcpy(prev, prev_in.buf, 32);
+    PyBuffer_Release(&prev_in);
+    items = PySequence_Fast(canonicals, "canonicals must be a sequence of bytes");
+    if (items == NULL)
+        return NULL;
+    count = PySequence_Fast_GET_SIZE(items);
+    out = PyList_New(count);
+    for (i = 0; out != NULL && i < count; i++, sequence++) {
+        PyObject *canonical = PySequence_Fast_GET_ITEM(items, i), *digest;
+        SHA256_CTX link;
+        int b;
+        if (!PyBytes_Check(canonical)) {
+            PyErr_SetString(PyExc_TypeError, "canonicals must be a sequence of bytes");
+            Py_CLEAR(out);
+            break;
+        }
+        if (sequence == 0) {
+            PyErr_SetString(PyExc_ValueError, "sequence must be a positive 64-bit integer");
+            Py_CLEAR(out);
+            break;
+        }
+        for (b = 0; b < 8; b++)
+            number[b] = (unsigned char)(sequence >> (56 - 8 * b));
+        SHA256_Init(&link);
+        SHA256_Update(&link, prev, 32);
+        SHA256_Update(&link, number, 8);
+        SHA256_Update(&link, PyBytes_AS_STRING(canonical), (size_t)PyBytes_GET_SIZE(canonical));
+        SHA256_Final(prev, &link);
+        digest = PyBytes_FromStringAndSize((const char *)prev, 32);
+        if (digest == NULL) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyList_SET_ITEM(out, i, digest);
+    }
+    Py_DECREF(items);
+    return out;
+}
+
 static PyMethodDef methods[] = {
+    {"link_hashes", link_hashes, METH_VARARGS,
+     "link_hashes(prev, sequence, canonicals) -> [hash of each link, chained]"},
     {"verify_rows", verify_rows, METH_VARARGS,
      "verify_rows(data, offset, end, expected, prev, last) -> (offset, expected, prev, status)"},
     {NULL, NULL, 0, NULL},

@@ -1,6 +1,7 @@
-"""The verification loop of the audit hash chain in Python: the specification of
-:mod:`klm_chainlink._native` (the same function in C) and its fallback where that module
-is not built. ``tests/test_chainlink.py`` holds both to the same answers.
+"""The hot loops of the audit hash chain in Python, verification (:func:`verify_rows`) and
+sealing (:func:`link_hashes`): the specification of :mod:`klm_chainlink._native` (the same
+functions in C) and its fallback where that module is not built.
+``tests/test_chainlink.py`` holds both to the same answers.
 
 A binary ``COPY`` row as the audit store streams it::
 
@@ -24,8 +25,9 @@ REACHED = 1
 #: the row at the returned offset does not hold (or is not a link at all)
 BAD = 2
 
-#: the signature both implementations share
+#: the signatures both implementations share
 VerifyRows = Callable[[bytes, int, int, int, bytes, int], tuple[int, int, bytes, int]]
+LinkHashes = Callable[[bytes, int, list[bytes]], list[bytes]]
 
 _I32 = struct.Struct(">i")
 _U64 = struct.Struct(">Q")
@@ -62,3 +64,25 @@ def verify_rows(data: bytes, offset: int, end: int, expected: int, prev: bytes,
         if expected > last:
             return offset, expected, prev, REACHED
     return offset, expected, prev, END
+
+
+def link_hashes(prev: bytes, sequence: int, canonicals: list[bytes]) -> list[bytes]:
+    """The hashes of the links after ``prev``, the first numbered ``sequence``, chained:
+    ``SHA-256(prev || uint64_be(sequence) || canonical)``, each the next one's ``prev``."""
+    if len(prev) != 32:
+        raise ValueError("prev must be 32 bytes")
+    out = []
+    fresh, pack = hashlib.sha256().copy, _U64.pack
+    for canonical in canonicals:
+        if not isinstance(canonical, bytes):
+            raise TypeError("canonicals must be a sequence of bytes")
+        if sequence <= 0:
+            raise ValueError("sequence must be a positive 64-bit integer")
+        link = fresh()
+        link.update(prev)
+        link.update(pack(sequence))
+        link.update(canonical)
+        prev = link.digest()
+        out.append(prev)
+        sequence += 1
+    return out
