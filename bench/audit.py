@@ -46,37 +46,38 @@ with all events stored; **verification** = `verify_store(columns=False)` over th
 chain (every link recomputed, every signed checkpoint checked); the line after it adds the
 indexed columns re-checked against each event (Postgres parses every event as jsonb)."""
 
-HOW = """How: ingest seals a batch straight into row tuples in the table's column order (one
-SHA-256 per event fed in three pieces, the field helpers inlined, no object per event) and,
-on the optimistic path (the head this process wrote last), makes no pass for repeats and
-writes the batch by `COPY` — one statement for up to 250 events (atomic and durable when it
-returns, no `BEGIN`/`COMMIT` round trips), in parts of 250 in one transaction for more, the
-next part sealed while the server inserts the previous one (two parts measured ~5 % ahead
-of one COPY, four slower); the unique `sequence` and `event_id` refuse it if another writer
-got there first or an event is a repeat, and the checked path (append lock, id look-up)
-runs instead. The remaining gap to the bare table is the indexes the contract needs,
-measured as Postgres CPU per row on these rows: bare table 4.9 µs, + primary key 0.3,
-+ BRIN 0.5, + the unique index on random event ids 3.4 (a `uuid` column in place of the
-text id measured no cheaper, 8.6 µs for both with the key; a hash exclusion constraint no
-cheaper either) — plus the sealing itself, about 3.4 µs per event in Python of which 2 µs
-is SHA-256. Verification splits the chain into ranges of 25,000 sequences; worker
+HOW = """How: ingest seals a batch straight into row tuples in the table's column order (the
+links of a part hashed in one call to `klm_chainlink.link_hashes`, C over OpenSSL's
+SHA-256; the field helpers inlined, no object per event) and, on the optimistic path (the
+head this process wrote last), makes no pass for repeats and writes the batch by `COPY` —
+one statement for up to 250 events (atomic and durable when it returns, no
+`BEGIN`/`COMMIT` round trips), in parts of 250 in one transaction for more, the next part
+sealed while the server inserts the previous one; the unique `sequence` and `event_id`
+refuse it if another writer got there first or an event is a repeat, and the checked path
+(append lock, id look-up) runs instead. Measured per event over alternating rounds of
+20,000 (2026-11-28 19:00 UTC, /proc CPU of client and server): Postgres 12.5–19 µs
+ingesting (growing with the unique index on random event ids) against 6.5–9.5 µs for the
+bare table, 856 against 656 bytes of WAL; the client 11–16 µs (sealing plus asyncpg's
+binary encoding) against 7–9 µs for the raw `COPY` of precomputed rows (was 15–18 µs
+before sealing hashed in C). The remaining gap is the indexes the contract needs (primary
+key, BRIN, and the unique `event_id`, which no `uuid` column or hash exclusion constraint
+made cheaper). Verification splits the chain into ranges of 25,000 sequences; worker
 processes (cores + 1, forked) each stream a range by binary `COPY` over a connection of
 their own (`prev_hash || uint64 sequence || canonical`, `hash`: the hash input is one
-slice) and hash it as it arrives, from its first row's stored `prev_hash` (read whole
-first, a range came in ~30 KiB socket reads; hashed meanwhile, they grow to ~230 KiB, and
-reading costs a worker ~0.7 instead of ~1.2 µs per row); the ranges are joined in order,
-each starting with the hash the previous one ends on — the answer of one pass from genesis,
-tampering named at the same sequence. The floor is SHA-256 itself: about 2 µs per
-~440-byte link on this CPU (no SHA extensions; the yardstick line), plus ~1.3 µs of
-per-row checks in the worker, ~0.7 µs reading and ~1.8 µs in Postgres sending the range:
-some 5.5–6 CPU-seconds per million events, so 300,000 events/s needs ~1.7 of the 2 cores
-for this alone: the "cores busy" line and the load average show how much of them the run
-got.
+slice) and check each piece as it arrives with `klm_chainlink.verify_rows` (C: SHA-256 and
+the link checks, no Python object per row), from its first row's stored `prev_hash`; the
+ranges are joined in order, each starting with the hash the previous one ends on — the
+answer of one pass from genesis, tampering named at the same sequence. Measured per row
+on 300,000 events (19:00 UTC): a worker 0.55 µs reading and ~1.9–2.3 µs more checking
+(SHA-256 of the ~440-byte link is most of it: 286 MB/s in `openssl speed` on this CPU, no
+SHA extensions) — it was ~4 µs with the loop in Python — and Postgres ~2 µs sending: some
+4.5 CPU-seconds per million events on 2 cores.
 
-Before this round (2026-11-28 15:15 UTC, load 2.1–2.2, same command): ingest 30,337
-events/s, 43.0 % of raw `COPY` (70,573 rows/s), history p50/p99 1.02 / 2.43 ms,
-verification 279,772 events/s (4.3 CPU-s over 3.6 s: 1.21 cores busy; ranges read whole,
-then hashed)."""
+Before this round (2026-11-28 17:37 UTC, load 1.7–1.8, same command, one ingest run then
+one raw run): ingest 44,342 events/s, 47.1 % of raw `COPY` (94,138 rows/s); verification
+239,410 events/s (4.9 CPU-s over 4.2 s; the loop in Python). At 18:37 UTC (load 1.8):
+ingest 35,563 events/s, 64.0 % of raw (55,552 rows/s): the ratio of one run each swung
+from 35 % to 67 % with the load, hence the alternating rounds."""
 TYPES = ("klm.key.activated", "klm.key.suspended", "klm.key.reactivated", "klm.key.backed_up")
 
 

@@ -153,6 +153,10 @@ ensure_tools() {
         command -v python3 >/dev/null || want+=(python3) ;;
       postgres) have_pg_server || want+=(postgresql) ;;
       hsm) command -v softhsm2-util >/dev/null || want+=(softhsm2) ;;
+      # the audit chain's C loops (libs/klm-chainlink): a compiler and OpenSSL's headers
+      build)
+        command -v gcc >/dev/null || want+=(gcc)
+        [[ -f /usr/include/openssl/sha.h ]] || want+=(libssl-dev) ;;
     esac
   done
   ((${#want[@]})) && ensure_packages "${want[@]}"
@@ -186,7 +190,7 @@ ensure_classpath() {
 }
 
 cmd_install() {
-  ensure_tools kafka postgres hsm
+  ensure_tools kafka postgres hsm build
   ensure_classpath
   say "install: ok (java $(java_bin), $(kafka_version))"
 }
