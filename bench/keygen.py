@@ -371,6 +371,8 @@ def write_section(table: list[str], facts: list[str], command: str,
 class Options:
     quick: bool = False
     profile: str | None = None
+    #: profile only the paced (latency) phase, where batches are small
+    profile_paced: bool = False
     only: str | None = None
     write: bool = True
     rate: float | None = None
@@ -390,7 +392,7 @@ async def run(opts: Options) -> None:
     try:
         raw = raw_rates(ns, 1.0 if opts.quick else 3.0)
         keygen.start()
-        if opts.profile:
+        if opts.profile and not opts.profile_paced:
             profiler = _profile(keygen, opts.profile)
         rows, bursts = await measure_pipeline(ns, keygen, raw, opts)
     finally:
@@ -435,15 +437,25 @@ async def measure_pipeline(ns: Namespace, keygen: ServiceProcess,
             bursts.append((name, cpu.process / n * 1000, cpu.process / cpu.wall,
                            cpu.busy / (cpu.wall * cores)))
             load = opts.rate or e2e / 2
-            lat, stages = await paced_latencies(producer, answers, topics.requests,
-                                                fields, load, 4.0 if opts.quick else 10.0)
+            profiler = _profile(keygen, f"{opts.profile}.{name.replace(' ', '_')}") \
+                if opts.profile and opts.profile_paced else None
+            try:
+                with CpuMeter(keygen.proc.pid) as paced_cpu:
+                    lat, stages = await paced_latencies(producer, answers, topics.requests,
+                                                        fields, load,
+                                                        4.0 if opts.quick else 10.0)
+            finally:
+                if profiler is not None:
+                    profiler.send_signal(2)
+                    profiler.wait(timeout=60)
+            bursts[-1] += (paced_cpu.process / len(lat) * 1000,)
             rows.append((name, gen, wrap, n, e2e, load, lat, stages))
             print(f"{name}: raw {gen:.0f}/s (gen+wrap {wrap:.0f}/s), e2e {e2e:.0f}/s "
                   f"over {n} keys, ratio {e2e / gen:.0%}; at {load:.0f}/s: "
                   f"p50 {percentile(lat, 50):.1f} ms, p99 {percentile(lat, 99):.1f} ms; "
                   "stages {:.1f} / {:.1f} / {:.1f} ms; ".format(*stages)
                   + "burst: keygen {:.2f} CPU-ms/key, {:.0%} of a core, machine {:.0%} "
-                  "busy".format(*bursts[-1][1:]), flush=True)
+                  "busy; paced: keygen {:.2f} CPU-ms/key".format(*bursts[-1][1:]), flush=True)
     finally:
         await producer.stop()
         await answers.stop()
@@ -462,14 +474,16 @@ def report(rows: list[Any], bursts: list[Any]) -> list[str]:
     table += ["", "During each burst (from /proc): keygen's CPU time per key (HSM work "
               "included: SoftHSM runs in keygen's process), the share of one core keygen got, "
               "how busy the whole machine was, and the rate keygen's own CPU cost allows on "
-              "one core (1000 / CPU-ms per key) next to the raw rate:", "",
+              "one core (1000 / CPU-ms per key) next to the raw rate; last, keygen's CPU time "
+              "per key at the paced load (small batches: the fixed cost per batch is shared "
+              "by few keys):", "",
               "| algorithm | keygen CPU-ms/key | keygen got | machine busy | "
-              "one-core ceiling keys/s | ceiling/raw |",
-              "|---|---:|---:|---:|---:|---:|"]
+              "one-core ceiling keys/s | ceiling/raw | CPU-ms/key paced |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     raw = {r[0]: r[1] for r in rows}
     table += [f"| {name} | {per_key:.2f} | {share:.0%} of a core | {busy:.0%} | "
-              f"{1000 / per_key:,.1f} | {1000 / per_key / raw[name]:.0%} |"
-              for name, per_key, share, busy in bursts]
+              f"{1000 / per_key:,.1f} | {1000 / per_key / raw[name]:.0%} | {paced:.2f} |"
+              for name, per_key, share, busy, paced in bursts]
     return table
 
 
@@ -485,6 +499,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs (smoke test)")
     parser.add_argument("--profile", metavar="FILE", help="py-spy keygen into FILE (raw)")
+    parser.add_argument("--profile-paced", action="store_true",
+                        help="with --profile: only the paced phase, into FILE.<algorithm>")
     parser.add_argument("--only", help="run only this algorithm (e.g. 'EC P-256')")
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/")
     parser.add_argument("--rate", type=float, help="latency load (default: half the max)")
@@ -492,8 +508,9 @@ def main() -> None:
                         help="extra keygen setting, e.g. KLM_REQUESTS_PIPELINE_DEPTH=0 "
                              "(one batch at a time, for comparison)")
     args = parser.parse_args()
-    asyncio.run(run(Options(args.quick, args.profile, args.only, not args.no_write,
-                            args.rate, dict(e.split("=", 1) for e in args.keygen_env))))
+    asyncio.run(run(Options(args.quick, args.profile, args.profile_paced, args.only,
+                            not args.no_write, args.rate,
+                            dict(e.split("=", 1) for e in args.keygen_env))))
 
 
 if __name__ == "__main__":

@@ -212,3 +212,25 @@ async def test_stop_publishes_what_was_handed_over(
     await relay_.stop()
     assert [v for _, v, _, _ in producer.sent] == [b"v60", b"v61"]
     assert pool.table == {}
+
+
+async def test_rows_left_while_behind_keep_the_relay_first_until_it_found_none() -> None:
+    pool, producer = FakePool(), FakeProducer()
+    relay = OutboxRelay(pool, producer, idle_poll=10.0)  # type: ignore[arg-type]
+    relay.start()
+    try:
+        await asyncio.sleep(0.01)  # the first round: the table is empty
+        left = rows(pool, 70)
+        relay._behind = True  # e.g. a direct publish just failed
+        assert not relay.claim(left)
+        relay.left_committed()  # committed: the relay goes first, and is woken for it
+        assert not relay.claim(rows(pool, 71))
+        relay.left_committed()
+        await asyncio.sleep(0.05)
+        assert [v for _, v, _, _ in producer.sent] == [b"v70", b"v71"]
+        later = rows(pool, 72)
+        assert relay.claim(later), "a round found nothing left"
+        relay.publish_committed(later)
+    finally:
+        await relay.stop()
+    assert [v for _, v, _, _ in producer.sent] == [b"v70", b"v71", b"v72"]

@@ -134,10 +134,12 @@ class OutboxRelay(BackgroundTask):
     Order: rows published from memory go out in commit order (one sender task). While rows
     are *left behind* in the table (at start, after a crash; after a failed direct publish)
     new rows are not published directly but left to the relay, which reads in ``seq``
-    order, until a relay round finds nothing left: so a backlog goes out before what
-    followed it, as with the relay alone. Rows this process claimed are skipped by its
-    relay; another instance's relay may still publish them in the moment before their
-    delete — a duplicate with the same event id, which consumers drop."""
+    order, until a relay round (holding the relay lock) finds nothing left: so a backlog
+    goes out before what followed it, as with the relay alone. Under a sustained load that
+    may take until the load pauses; meanwhile it is the relay's pace, as before. Rows this
+    process claimed are skipped by its relay; another instance's relay may still publish
+    them in the moment before their delete — a duplicate with the same event id, which
+    consumers drop."""
 
     task_name = "outbox-relay"
 
@@ -173,13 +175,20 @@ class OutboxRelay(BackgroundTask):
         """Called in the transaction that wrote ``rows`` (:func:`add_to_outbox`): True if
         this process will publish them once it committed (:meth:`publish_committed`; or
         :meth:`unclaim` if it rolled back); False if they are left to the relay (rows are
-        left behind, or the relay is not running) — then :meth:`wake` after the commit."""
+        left behind, or the relay is not running) — then :meth:`left_committed` after the
+        commit."""
         if not rows or self._behind or self._task is None:
-            if rows:
-                self._left_behind += 1
             return False
         self._claimed.update(r.seq for r in rows)
         return True
+
+    def left_committed(self) -> None:
+        """Rows :meth:`claim` left to the relay are committed: the relay publishes them
+        before anything is published from memory again (a later fact on the same key
+        must not overtake them)."""
+        self._behind = True
+        self._left_behind += 1
+        self.wake()
 
     def unclaim(self, rows: Sequence[OutboxRow]) -> None:
         """The transaction that wrote claimed ``rows`` did not commit: they do not exist."""
@@ -202,11 +211,12 @@ class OutboxRelay(BackgroundTask):
                 rows = self._outgoing[0]
                 started = time.perf_counter()
                 acks, spans = [], []
+                parsed: dict[str, list[tuple[str, bytes]]] = {}
                 try:
                     if self._behind:  # an earlier direct publish failed: keep the order
                         raise _LeftBehind
                     for row in rows:
-                        headers, span = _publish_span(row.topic, _stored_headers(row.headers))
+                        headers, span = _direct_headers(row, parsed)
                         spans.append(span)
                         acks.append(await self._producer.send(row.topic, row.value,
                                                               key=row.key, headers=headers))
@@ -309,7 +319,9 @@ class OutboxRelay(BackgroundTask):
                 log.exception("outbox relay failed; retrying")
                 await asyncio.sleep(1.0)
                 continue
-            if moved < self._batch:  # a wake during the round runs the next one at once
+            # a wake during the round runs the next one at once; so does a round that
+            # published rows left behind (the next, finding none, ends the relay's turn)
+            if moved < self._batch and not (moved and self._behind):
                 await self._wakeup.wait(self._idle_poll)
 
     async def relay_once(self) -> int:
@@ -364,9 +376,16 @@ class OutboxRelay(BackgroundTask):
         metrics.set_gauge(metrics.OUTBOX_BACKLOG, self.backlog, attrs)
 
 
-def _stored_headers(headers: str) -> dict[str, str]:
-    loaded: dict[str, str] = json.loads(headers)
-    return loaded
+def _direct_headers(row: OutboxRow, parsed: dict[str, list[tuple[str, bytes]]]
+                    ) -> tuple[list[tuple[str, bytes]], Any]:
+    """The record headers of a row published from memory, as the relay makes them; without
+    a span exporter, rows with the same stored headers (most of a batch) share them."""
+    if telemetry.exports_spans():
+        return _publish_span(row.topic, json.loads(row.headers))
+    headers = parsed.get(row.headers)
+    if headers is None:
+        headers = parsed[row.headers] = _publish_span(row.topic, json.loads(row.headers))[0]
+    return headers, trace.INVALID_SPAN
 
 
 def _publish_span(topic: str, stored: dict[str, str]) -> tuple[list[tuple[str, bytes]], Any]:

@@ -51,7 +51,7 @@ async def bootstrap(settings: KlmSettings) -> Keygen:
     broker = make_broker(settings, "klm-keygen", log_level=logging.DEBUG)
     # also sends usage replies, keyed by key id: the partition is hashed once per key
     producer = make_producer(settings, "klm-keygen-outbox", partitioner=CachedPartitioner())
-    pool = await create_pool(settings, "keygen")
+    pool = await create_pool(settings, "keygen", reset=_keep_session)
     # the PIN is read at each (re)open: a corrected PIN file is picked up without a restart
     hsm = Pkcs11Hsm(settings.hsm_module, settings.hsm_token_label, settings.hsm_user_pin)
     relay = OutboxRelay(pool, producer, batch=settings.outbox_batch)
@@ -63,6 +63,16 @@ async def bootstrap(settings: KlmSettings) -> Keygen:
                 day_seconds=settings.day_seconds, policy=policies.default, policies=policies,
                 csrs=CertificateRequests(hsm, pool))
     return Keygen(settings, topics, broker, producer, pool, hsm, relay, deps)
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool connections go back without asyncpg's reset query (advisory unlock, CLOSE ALL,
+    UNLISTEN, RESET ALL): one round trip per acquire — a batch acquires three times —
+    for state keygen never leaves on them. Keygen works in transactions only: its settings
+    are ``SET LOCAL``/``set_config(..., true)``, its advisory locks transaction-level, and
+    it listens on a connection of its own (``usage_store.KeyCache``). asyncpg still rolls
+    back a transaction left open before this is called."""
+    del conn
 
 
 def _policies() -> PolicySet:

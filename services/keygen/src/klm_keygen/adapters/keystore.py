@@ -152,7 +152,7 @@ class PgUnit:
             return
         self._relay.publish_committed(self._claimed)
         if self._left_to_relay:
-            self._relay.wake()
+            self._relay.left_committed()
 
     def not_committed(self) -> None:
         if self._relay is not None:
@@ -225,35 +225,56 @@ async def _insert_versions(conn: asyncpg.Connection, key_id: str,
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)""", rows)
 
 
+#: new keys and their first versions in ONE statement (one array per column): keys whose key
+#: id exists already are skipped, with their version; the key ids inserted are returned
+_INSERT_KEYS = """
+    WITH input AS (
+        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[],
+                             $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
+                             $11::text[], $12::text[], $13::text[], $14::timestamptz[],
+                             $15::bytea[], $16::text[], $17::bytea[], $18::text[], $19::bytea[],
+                             $20::timestamptz[])
+            AS i(key_id, owner, name, algorithm, size, curve, usages, protection, policy,
+                 profile, labels, state, request_id, created_at, wrapped, kek_label,
+                 public_der, kcv, hsm_object_id, activated_at)
+    ), new_keys AS (
+        INSERT INTO keys (key_id, owner, name, algorithm, size, curve, usages, protection,
+                          policy, profile, labels, state, primary_version, request_id,
+                          created_at, updated_at)
+        SELECT key_id, owner, name, algorithm, size, curve,
+               ARRAY(SELECT jsonb_array_elements_text(usages::jsonb)), protection, policy,
+               profile, labels::jsonb, state, 1, request_id, created_at, created_at
+        FROM input
+        ON CONFLICT (key_id) DO NOTHING
+        RETURNING key_id
+    )
+    INSERT INTO key_versions (key_id, version, state, wrapped, kek_label, public_der, kcv,
+                              hsm_object_id, created_at, activated_at)
+    SELECT i.key_id, 1, i.state, i.wrapped, i.kek_label, i.public_der, i.kcv,
+           i.hsm_object_id, i.created_at, i.activated_at
+    FROM input i JOIN new_keys USING (key_id)
+    RETURNING key_id"""
+
+
 async def _insert_keys(conn: asyncpg.Connection, keys: Sequence[NewKey]) -> set[str]:
     """Insert the keys whose key id is new. A key id that exists already (its key came back
     through a disaster recovery, which empties the inbox) means the request was answered
-    before the disaster: it is a replay, so no second key — the caller drops its answer."""
+    before the disaster: it is a replay, so no second key — the caller drops its answer.
+
+    One statement for the whole chunk (was: a look-up and two ``executemany``)."""
     if not keys:
         return set()
-    existing = {r["key_id"] for r in await conn.fetch(
-        "SELECT key_id FROM keys WHERE key_id = ANY($1::text[])", [k.plan.key_id for k in keys])}
-    replayed = {k.plan.request.id for k in keys if k.plan.key_id in existing}
-    keys = [k for k in keys if k.plan.key_id not in existing]
-    if not keys:
-        return replayed
-    await conn.executemany(
-        """INSERT INTO keys (key_id, owner, name, algorithm, size, curve, usages, protection,
-                             policy, profile, labels, state, primary_version, request_id,
-                             created_at, updated_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12, 1, $13, $14, $14)""",
-        [(k.plan.key_id, k.plan.data.owner, k.plan.data.name, k.plan.spec.algorithm.value,
-          k.plan.spec.size, k.plan.spec.curve, sorted(u.value for u in k.plan.spec.usages),
-          k.plan.protection.value, k.plan.data.policy, k.plan.data.profile,
-          json.dumps(k.plan.data.labels), k.state.value, k.plan.request.id, k.created_at)
-         for k in keys])
-    await conn.executemany(
-        """INSERT INTO key_versions (key_id, version, state, wrapped, kek_label, public_der, kcv,
-                                     hsm_object_id, created_at, activated_at)
-           VALUES ($1, 1, $2, $3, $4, $5, $6, $7, $8, $9)""",
-        [(k.plan.key_id, k.state.value, k.material.wrapped,
-          MASTER_KEK_LABEL if k.material.wrapped else None, k.material.public_der,
-          k.material.kcv, k.material.hsm_object_id, k.created_at,
-          k.created_at if k.state.value == "active" else None)
-         for k in keys])
-    return replayed
+    columns: list[list[object]] = [[] for _ in range(20)]
+    for k in keys:
+        plan, data, spec, material = k.plan, k.plan.data, k.plan.spec, k.material
+        row = (plan.key_id, data.owner, data.name, spec.algorithm.value, spec.size, spec.curve,
+               json.dumps(sorted(u.value for u in spec.usages)), plan.protection.value,
+               data.policy, data.profile, json.dumps(data.labels), k.state.value,
+               plan.request.id, k.created_at, material.wrapped,
+               MASTER_KEK_LABEL if material.wrapped else None, material.public_der,
+               material.kcv, material.hsm_object_id,
+               k.created_at if k.state.value == "active" else None)
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+    inserted = {r["key_id"] for r in await conn.fetch(_INSERT_KEYS, *columns)}
+    return {k.plan.request.id for k in keys if k.plan.key_id not in inserted}
