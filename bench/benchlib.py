@@ -211,7 +211,11 @@ class KlmNamespace:
             hsm_token_label=e["KLM_HSM_TOKEN_LABEL"], hsm_pin_file=Path(e["KLM_HSM_PIN_FILE"]))
 
     async def drop(self) -> None:
+        from tests.integration.harness import close_topics
+
         base = stack_env()
+        if self.env:  # the topics and ACLs under its prefix
+            await close_topics(self.settings())
         await self._admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)',
                           base["KLM_PG_ADMIN_DSN"])
         subprocess.run(["softhsm2-util", "--delete-token", "--token", self.name],  # noqa: ASYNC221

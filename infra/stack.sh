@@ -9,6 +9,7 @@
 #   infra/stack.sh env                   export lines: eval "$(infra/stack.sh env)"
 #   infra/stack.sh reset                 down + delete the data under $KLM_HOME
 #   infra/stack.sh kafka-acls [PREFIX]   (sasl) users, tenant topics, ACLs for a topic prefix
+#   infra/stack.sh kafka-drop-acls PREFIX   (sasl) delete the ACLs of a test namespace
 #   infra/stack.sh kafka-tenant NAME     (sasl) add a requesting tenant: user, topic, ACLs
 #   infra/stack.sh kafka-list-acls       (sasl) print the ACL bindings
 #
@@ -411,6 +412,16 @@ kafka_apply_security() {
     die "kafka: applying users/topics/ACLs failed, see $LOGS/kafka-admin.log"
   say "kafka: users, tenant topics and ACLs applied (prefix '$prefix';" \
       "tenants: $(kafka_tenants | tr '\n' ' '))"
+}
+
+# every ACL on a name under topic prefix $1 (a test or benchmark namespace, its
+# sub-namespaces included) deleted when the namespace is; production names are refused
+kafka_drop_acls() {
+  local prefix="${1:-}"
+  [[ -n "$prefix" ]] || die "kafka-drop-acls needs a namespace prefix (production ACLs stay)"
+  kafka_admin drop-prefix "$prefix" >>"$LOGS/kafka-admin.log" 2>&1 ||
+    die "kafka: deleting the ACLs under '$prefix' failed, see $LOGS/kafka-admin.log"
+  say "kafka: ACLs under '$prefix' deleted"
 }
 
 # a cluster runs in the security mode it was formatted in
@@ -868,7 +879,7 @@ main() {
   local cmd="${1:-}"
   (($#)) && shift
   case "$cmd" in
-    install | up | down | reset | kafka-acls | kafka-tenant) take_lock ;;
+    install | up | down | reset | kafka-acls | kafka-drop-acls | kafka-tenant) take_lock ;;
   esac
   case "$cmd" in
     install) cmd_install ;;
@@ -878,6 +889,7 @@ main() {
     env) cmd_env ;;
     reset) cmd_reset ;;
     kafka-acls) mkdir -p "$LOGS"; kafka_apply_security "${1:-}" ;;
+    kafka-drop-acls) mkdir -p "$LOGS"; kafka_drop_acls "${1:-}" ;;
     kafka-tenant) mkdir -p "$LOGS"; cmd_kafka_tenant "$@" ;;
     kafka-list-acls) kafka_admin list-acls ;;
     -h | --help | help) usage ;;

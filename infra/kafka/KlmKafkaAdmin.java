@@ -14,6 +14,7 @@
 //                 topic <name> <partitions>     create a missing topic (replication 1)
 //                 acl <principal> <operation> <topic|group|cluster> <literal|prefixed> <name>
 //                                               an ALLOW binding (existing ones are no-ops)
+//   drop-prefix <prefix>   delete every binding on a name under a namespace's prefix
 //   list-acls   print every binding, one a line
 //
 // Passwords are read from files and never printed.
@@ -49,9 +50,9 @@ public class KlmKafkaAdmin {
     static final int SCRAM_ITERATIONS = 8192;
 
     public static void main(String[] args) throws Exception {
-        if (args.length != 2) {
+        if (args.length != 2 && !(args.length == 3 && args[1].equals("drop-prefix"))) {
             System.err.println("usage: KlmKafkaAdmin <client.properties> "
-                + "acls|scram-users|topics|list-acls");
+                + "apply|list-acls|drop-prefix <prefix>");
             System.exit(2);
         }
         Properties props = new Properties();
@@ -61,6 +62,7 @@ public class KlmKafkaAdmin {
         try (Admin admin = Admin.create(props)) {
             switch (args[1]) {
                 case "apply" -> apply(admin, stdinLines());
+                case "drop-prefix" -> dropPrefix(admin, args[2]);
                 case "list-acls" -> listAcls(admin);
                 default -> {
                     System.err.println("unknown command: " + args[1]);
@@ -107,6 +109,24 @@ public class KlmKafkaAdmin {
         if (!acls.isEmpty()) {
             createAcls(admin, acls);
         }
+    }
+
+    // every binding on a resource named under a test or benchmark namespace's prefix (its
+    // sub-namespaces included); never production names ("klm." and what starts with it)
+    static void dropPrefix(Admin admin, String prefix) throws Exception {
+        if ("klm.".startsWith(prefix) || prefix.startsWith("klm.")) {
+            throw new IllegalArgumentException("not a namespace prefix: '" + prefix + "'");
+        }
+        List<AclBindingFilter> filters = admin.describeAcls(AclBindingFilter.ANY).values().get()
+            .stream().filter(b -> b.pattern().name().startsWith(prefix))
+            .map(AclBinding::toFilter).collect(Collectors.toList());
+        int deleted = 0;
+        if (!filters.isEmpty()) {
+            for (var result : admin.deleteAcls(filters).values().values()) {
+                deleted += result.get().values().size();
+            }
+        }
+        System.out.println("acls: " + deleted + " binding(s) under '" + prefix + "' deleted");
     }
 
     static void createAcls(Admin admin, List<String[]> lines) throws Exception {

@@ -32,6 +32,7 @@ from klm_common.topics import Topics
 from tests.integration.harness import (
     EventLog,
     ServiceProcess,
+    close_topics,
     kafka_reachable,
     local_stack_env,
     open_topics,
@@ -145,7 +146,7 @@ def klm_env(endpoints: dict[str, str], namespace: str, hsm_token: dict[str, str]
     }
     asyncio.run(_create_namespace(admin_dsn, namespace, env))
     yield env
-    asyncio.run(_drop_database(admin_dsn, namespace))
+    asyncio.run(_drop_namespace(admin_dsn, namespace, env))
 
 
 async def _create_namespace(admin_dsn: str, database: str, env: dict[str, str]) -> None:
@@ -159,7 +160,9 @@ async def _create_namespace(admin_dsn: str, database: str, env: dict[str, str]) 
     await open_topics(settings)
 
 
-async def _drop_database(admin_dsn: str, database: str) -> None:
+async def _drop_namespace(admin_dsn: str, database: str, env: dict[str, str]) -> None:
+    """Undo :func:`_create_namespace`: the database, and the topics and ACLs under the
+    namespace's prefix (``KLM_KEEP_TEST_DB=1`` keeps them all, to look at afterwards)."""
     if os.environ.get("KLM_KEEP_TEST_DB") == "1":
         return
     conn = await asyncpg.connect(admin_dsn)
@@ -167,6 +170,7 @@ async def _drop_database(admin_dsn: str, database: str) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
     finally:
         await conn.close()
+    await close_topics(settings_for(env))
 
 
 def settings_for(env: dict[str, str]) -> KlmSettings:

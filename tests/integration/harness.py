@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import asyncpg
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
 
 from klm_common.envelope import CloudEvent, EnvelopeInvalid, parse_envelope
 from klm_common.kafka import ensure_topics, kafka_security
@@ -148,6 +150,35 @@ async def open_topics(settings: KlmSettings) -> None:
             raise RuntimeError(f"infra/stack.sh kafka-acls {settings.topic_prefix} failed:\n"
                                f"{done.stdout}{done.stderr}")
     await ensure_topics(settings)
+
+
+async def close_topics(settings: KlmSettings) -> None:
+    """Undo :func:`open_topics` when the namespace is dropped: delete the topics under its
+    prefix and, on the secured stack, every ACL on a name under it (sub-namespaces such as
+    ``<prefix>usage.`` included). Best effort: a stack already gone (the chaos tests) only
+    leaves them behind, with a warning."""
+    prefix = settings.topic_prefix
+    if not prefix or "klm.".startswith(prefix) or prefix.startswith("klm."):
+        raise ValueError(f"not a namespace prefix: {prefix!r}")
+    try:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
+                                    **kafka_security(settings))
+        await admin.start()
+        try:
+            ours = [t for t in await admin.list_topics() if t.startswith(prefix)]
+            if ours:
+                await admin.delete_topics(ours)
+        finally:
+            await admin.close()
+    except (KafkaError, OSError) as exc:
+        warnings.warn(f"topics under {prefix!r} left behind: {exc}", stacklevel=2)
+    if settings.kafka_security == "sasl":
+        done = await asyncio.to_thread(
+            subprocess.run, [str(STACK), "kafka-drop-acls", prefix],
+            capture_output=True, text=True, timeout=300, check=False)
+        if done.returncode != 0:
+            warnings.warn(f"ACLs under {prefix!r} left behind: {done.stderr.strip()[-300:]}",
+                          stacklevel=2)
 
 
 def stack_login() -> dict[str, Any]:

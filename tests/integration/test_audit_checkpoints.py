@@ -31,7 +31,7 @@ from klm_common.envelope import make_event
 from klm_common.events import AuditCheckpoint
 from klm_common.settings import KlmSettings
 from klm_common.topics import Topics
-from tests.integration.conftest import _create_namespace, _drop_database, settings_for
+from tests.integration.conftest import _create_namespace, _drop_namespace, settings_for
 from tests.integration.harness import ServiceProcess, create_topic
 from tests.integration.test_audit_ingest import generated, request, send
 
@@ -62,7 +62,7 @@ def ns_env(klm_env: dict[str, str], namespace: str, tmp_path_factory: pytest.Tem
     try:
         yield env
     finally:
-        asyncio.run(_drop_database(f"{admin}/postgres", name))
+        asyncio.run(_drop_namespace(f"{admin}/postgres", name, env))
         subprocess.run(["softhsm2-util", "--delete-token", "--token", name],
                        capture_output=True, env=hsm_env, check=False)
 

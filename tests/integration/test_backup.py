@@ -32,7 +32,7 @@ from klm_common.envelope import CloudEvent, make_event
 from klm_common.events import RotateKey
 from klm_common.settings import KlmSettings
 from klm_common.topics import Topics
-from tests.integration.conftest import REPO, _create_namespace, _drop_database, settings_for
+from tests.integration.conftest import REPO, _create_namespace, _drop_namespace, settings_for
 from tests.integration.harness import EventLog, ServiceProcess, create_topic, publish
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -80,7 +80,7 @@ def ns(endpoints: dict[str, str], tmp_path_factory: pytest.TempPathFactory
     for tenant in TENANTS:  # before the services start: their pattern subscriptions see them
         asyncio.run(create_topic(env["KLM_KAFKA_BOOTSTRAP"], f"{name}.klm.requests.{tenant}"))
     yield env
-    asyncio.run(_drop_database(admin_dsn, name))
+    asyncio.run(_drop_namespace(admin_dsn, name, env))
     delete_token(env)
 
 

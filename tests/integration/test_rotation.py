@@ -32,7 +32,13 @@ from klm_common.envelope import CloudEvent, make_event
 from klm_common.policy import load_policy
 from klm_common.settings import KlmSettings
 from klm_common.topics import Topics
-from tests.integration.harness import EventLog, ServiceProcess, open_topics, publish
+from tests.integration.harness import (
+    EventLog,
+    ServiceProcess,
+    close_topics,
+    open_topics,
+    publish,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -74,6 +80,7 @@ async def namespace_env(klm_env: dict[str, str]) -> AsyncIterator[dict[str, str]
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+    await close_topics(ours)
 
 
 def own_settings(session: KlmSettings, name: str) -> KlmSettings:
