@@ -116,8 +116,12 @@ async def drop_namespace(ns: Namespace, stack: dict[str, str]) -> None:
 
 
 # ---- raw SoftHSM ----------------------------------------------------------------------------
-def raw_rates(ns: Namespace, seconds: float) -> dict[str, tuple[float, float]]:
-    """Per algorithm: (generate/s, generate+KWP-wrap/s) of session keys, one thread."""
+def raw_rates(ns: Namespace, seconds: float, windows: int = 3
+              ) -> dict[str, tuple[float, float]]:
+    """Per algorithm: (generate/s, generate+KWP-wrap/s) of session keys, one thread; the
+    best of ``windows`` windows of ``seconds``, so that another process's burst on this
+    shared machine does not pass for the HSM's limit (the ratio to it is then
+    conservative)."""
     os.environ["SOFTHSM2_CONF"] = ns.env["SOFTHSM2_CONF"]
     lib = pkcs11.lib(ns.env["KLM_HSM_MODULE"])
     token = lib.get_token(token_label=ns.name)
@@ -139,9 +143,11 @@ def raw_rates(ns: Namespace, seconds: float) -> dict[str, tuple[float, float]]:
         }
         out = {}
         for name, make in makers.items():
-            gen = _rate(make, seconds, lambda key: key.destroy())
-            wrap = _rate(make, seconds, lambda key: (
+            gen = max(_rate(make, seconds, lambda key: key.destroy())
+                      for _ in range(windows))
+            wrap = max(_rate(make, seconds, lambda key: (
                 kek.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP_PAD), key.destroy()))
+                for _ in range(windows))
             out[name] = (gen, wrap)
     return out
 
@@ -289,19 +295,24 @@ def _version(dist: str) -> str:
 
 NOTES = [
     "Raw = one thread generating session keys in process with python-pkcs11, nothing else "
-    "running in that process (the HSM's physical limit here); *gen+wrap* adds the AES-KWP "
+    "running in that process (the HSM's physical limit here; the best of three 1.5 s "
+    "windows since 2026-11-28 19:35 UTC, before one 3 s window, which another process's "
+    "burst could halve); *gen+wrap* adds the AES-KWP "
     "wrap under the master KEK that every hsm-wrapped key needs, so it is the ceiling of "
     "the pipeline. E2e = request published on `klm.requests` → batch consumed → per chunk "
     "of ≤128 requests one HSM call (generate + wrap) and one Postgres transaction (inbox + "
-    "keys + versions + outbox), the next chunk generated while one commits → outbox relay "
-    "→ `klm.key.generated` consumed (so the keystore row is committed). The maximum is a "
+    "keys + versions + outbox), the next chunk generated while one commits → the committed "
+    "facts published from memory (their outbox rows deleted once Kafka has them; the relay "
+    "publishes only what that misses) → `klm.key.generated` consumed (so the keystore row "
+    "is committed). The maximum is a "
     "burst of *n* requests published at once (time to the last answer); latency is then "
     "measured with requests paced at half that rate for 10 s.",
     "",
     "Stages (medians, from the fact's `time` = when keygen had the key and its Kafka "
-    "timestamp = when the relay produced it): *in→made* = Kafka to keygen, inbox pre-check, "
-    "queueing, HSM; *→relayed* = keystore transaction, relay wake-up and read; "
-    "*→consumed* = Kafka to the reader.",
+    "timestamp = when it was produced): *in→made* = Kafka to keygen, inbox pre-check, "
+    "queueing, HSM; *→relayed* = keystore transaction, then the produce (from memory since "
+    "2026-11-28 19:00 UTC; before, the relay's wake-up and read); *→consumed* = Kafka to "
+    "the reader.",
 ]
 
 
@@ -335,9 +346,20 @@ ANALYSIS = [
     "measured: the whole machine's CPU per generated key (second table: keygen's own cost, "
     "SoftHSM included, and how busy the machine was) — Kafka, PostgreSQL, the reader and "
     "keygen share 2 cores, and the HSM's gen+wrap alone is a third to a half of keygen's "
-    "cost. The remaining step we see is publishing committed facts straight from memory "
-    "instead of waking the relay to read them back (one transaction and one query fewer "
-    "per batch).",
+    "cost.",
+    "",
+    "Since 2026-11-28 19:00 UTC (py-spy of keygen under the EC burst, then A/B runs under "
+    "the bench lock): committed facts are published from memory after the keystore "
+    "transaction commits (`OutboxRelay.claim`/`publish_committed`; the rows are still "
+    "written in the transaction and deleted in one statement once Kafka acknowledged "
+    "them; the relay publishes anything left behind with the same event ids) instead of "
+    "waking the relay to read them back in its own transaction; new keys and their "
+    "versions are inserted in one statement (was a look-up and two `executemany`); the "
+    "public key PEM is base64-encoded from the SPKI rather than parsed back through "
+    "`cryptography` per key; pool connections go back without asyncpg's reset query (a "
+    "round trip per acquire). What remains per key is mostly SoftHSM (generate, wrap, "
+    "reading the public point) and per-record Python spread thin (envelope parsing, the "
+    "fact's pydantic model, uuid5 ids, per-record metrics, the Kafka produce).",
 ]
 
 
@@ -390,7 +412,7 @@ async def run(opts: Options) -> None:
     print(f"keygen log: {keygen.log_path}")
     profiler: subprocess.Popen[bytes] | None = None
     try:
-        raw = raw_rates(ns, 1.0 if opts.quick else 3.0)
+        raw = raw_rates(ns, 0.5 if opts.quick else 1.5)
         keygen.start()
         if opts.profile and not opts.profile_paced:
             profiler = _profile(keygen, opts.profile)
