@@ -339,10 +339,14 @@ ANALYSIS = [
     "doing that; now ~8 %).",
     "",
     "Latency at half the burst maximum: the burst is served in batches of up to 500, the "
-    "paced load in small batches, whose fixed cost per batch (the HSM thread hop, "
-    "BEGIN…COMMIT with its WAL flush, the relay's own transaction, the Kafka requests) is "
-    "paid by few keys; on this shared 2-core machine the paced rate is then close to what "
-    "the CPU left to keygen allows, and requests queue (*in→made*). Not met, and why, "
+    "paced load in small batches, whose fixed cost per batch (the HSM thread hop, the inbox "
+    "pre-check, BEGIN…COMMIT with its WAL flush, the delete of the published rows, the "
+    "Kafka requests) is paid by few keys — keygen's CPU per key at the paced load is about "
+    "twice the burst's (last column) —; on this shared 2-core machine the paced rate is "
+    "then close to what the CPU left to keygen allows, and requests queue (*in→made*). The "
+    "next step we see for it: a chunk of new keys committed in ONE statement (inbox claim, "
+    "keys, versions and outbox rows as data-modifying CTEs, atomic without BEGIN/COMMIT: "
+    "one round trip instead of five). Not met, and why, "
     "measured: the whole machine's CPU per generated key (second table: keygen's own cost, "
     "SoftHSM included, and how busy the machine was) — Kafka, PostgreSQL, the reader and "
     "keygen share 2 cores, and the HSM's gen+wrap alone is a third to a half of keygen's "
