@@ -245,7 +245,10 @@ class OutboxRelay(BackgroundTask):
                     self._leave_to_relay(flight.rows, exc)
                 else:
                     done.extend(flight.rows)
-                    self._observe(len(flight.rows), time.perf_counter() - flight.started)
+                    try:  # metrics never stop the deletes (claimed rows would stay claimed)
+                        self._observe(len(flight.rows), time.perf_counter() - flight.started)
+                    except Exception:
+                        log.exception("outbox: publish metrics failed")
                 finally:
                     for span in flight.spans:
                         span.end()
