@@ -214,6 +214,20 @@ async def test_stop_publishes_what_was_handed_over(
     assert pool.table == {}
 
 
+async def test_stop_publishes_rows_written_for_the_relay_just_before(
+        relay: tuple[OutboxRelay, FakePool, FakeProducer]) -> None:
+    """Last words (a usage summary written at stop, the relay woken for it) go out at
+    stop even when the relay's loop had no turn in between."""
+    relay_, pool, producer = relay
+    relay_._idle_poll = 10.0
+    await asyncio.sleep(0.02)  # the loop now waits for a wake-up
+    rows(pool, 80)
+    relay_.wake()
+    await relay_.stop()
+    assert [v for _, v, _, _ in producer.sent] == [b"v80"]
+    assert pool.table == {}
+
+
 async def test_rows_left_while_behind_keep_the_relay_first_until_it_found_none() -> None:
     pool, producer = FakePool(), FakeProducer()
     relay = OutboxRelay(pool, producer, idle_poll=10.0)  # type: ignore[arg-type]

@@ -166,6 +166,8 @@ class OutboxRelay(BackgroundTask):
         self._direct_tasks: list[asyncio.Task[None]] = []
         #: set whenever claimed rows are settled (deleted, left to the relay, rolled back)
         self._settled = asyncio.Event()
+        #: stop(): the loop ends after a round that found nothing to publish
+        self._stopping = False
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -299,14 +301,24 @@ class OutboxRelay(BackgroundTask):
             loop.create_task(self._send_direct(), name="outbox-direct-send"),
             loop.create_task(self._ack_direct(), name="outbox-direct-ack")]
 
-    async def stop(self) -> None:
-        """Publish what was committed and handed over, then stop."""
-        await self.drain()
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Publish what was committed, then stop: the rows handed over, then whatever the
+        table still holds — the last words of a stopping service (a usage summary written
+        at stop) go out now, not at its next start. The relay's loop is not cancelled in a
+        round (its rows would go out twice): it ends after a round that found nothing.
+        Within ``timeout`` each; what Kafka or Postgres refuses stays for the next start."""
+        await self.drain(timeout)
         for task in self._direct_tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._direct_tasks = []
+        self._stopping = True
+        self.wake()
+        if self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(self._task)
         await super().stop()
 
     # ---- the relay ----------------------------------------------------------------------
@@ -319,8 +331,15 @@ class OutboxRelay(BackgroundTask):
                 raise
             except Exception:
                 self.healthy = False
+                if self._stopping:  # the rows stay for the next start
+                    log.warning("outbox relay failed while stopping; rows left in the table")
+                    return
                 log.exception("outbox relay failed; retrying")
                 await asyncio.sleep(1.0)
+                continue
+            if self._stopping:  # no waiting: rounds until one finds nothing
+                if not moved:
+                    return
                 continue
             # a wake during the round runs the next one at once; so does a round that
             # published rows left behind (the next, finding none, ends the relay's turn)
