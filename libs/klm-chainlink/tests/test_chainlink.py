@@ -119,3 +119,11 @@ def test_native_and_reference_seal_alike(prev: bytes, first: int, canonicals: li
                                          ) -> None:
     assert klm_chainlink.link_hashes(prev, first, canonicals) == reference.link_hashes(
         prev, first, canonicals)
+
+
+@pytest.mark.skipif(not klm_chainlink.NATIVE, reason="the C extension is not built")
+def test_sequences_outside_64_bits_are_refused_not_wrapped() -> None:
+    with pytest.raises(OverflowError):
+        klm_chainlink.link_hashes(bytes(32), 2**64 + 1, [b""])
+    with pytest.raises(OverflowError):
+        klm_chainlink.verify_rows(b"", 0, 0, -1, bytes(32), NONE)

@@ -63,6 +63,15 @@ static int walk(const unsigned char *data, Py_ssize_t *offset, Py_ssize_t end,
     return status;
 }
 
+/* "O&" converter: a Python int in [0, 2**64), else OverflowError ("K" would wrap silently) */
+static int u64(PyObject *o, void *out) {
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return 0;
+    *(unsigned long long *)out = v;
+    return 1;
+}
+
 static PyObject *verify_rows(PyObject *self, PyObject *args) {
     Py_buffer data, prev_in;
     Py_ssize_t offset, end;
@@ -70,7 +79,8 @@ static PyObject *verify_rows(PyObject *self, PyObject *args) {
     unsigned char prev[32];
     int status;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*nnKy*K", &data, &offset, &end, &expected, &prev_in, &last))
+    if (!PyArg_ParseTuple(args, "y*nnO&y*O&", &data, &offset, &end, u64, &expected,
+                          &prev_in, u64, &last))
         return NULL;
     if (prev_in.len != 32 || offset < 0 || end < offset || end > data.len) {
         PyBuffer_Release(&data);
@@ -97,7 +107,7 @@ static PyObject *link_hashes(PyObject *self, PyObject *args) {
     unsigned char prev[32], number[8];
     Py_ssize_t count, i;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*KO", &prev_in, &sequence, &canonicals))
+    if (!PyArg_ParseTuple(args, "y*O&O", &prev_in, u64, &sequence, &canonicals))
         return NULL;
     if (prev_in.len != 32) {
         PyBuffer_Release(&prev_in);
