@@ -184,7 +184,7 @@ class Pkcs11Hsm:
             token = lib.get_token(token_label=self._token_label)
             self._session = token.open(rw=True, user_pin=self._pin())
             self._mechanisms = frozenset(token.slot.get_mechanisms())
-            self._kek = self._find_or_create_master_kek()
+            self._kek = _session_copy(self._find_or_create_master_kek())
         except (pkcs11.PKCS11Error, RuntimeError, OSError) as exc:
             self._drop_session()
             raise HsmUnavailable(f"cannot open token {self._token_label!r}: "
@@ -358,6 +358,23 @@ class Pkcs11Hsm:
         finally:
             key.destroy()
         return GeneratedVersion(bytes(wrapped), public_der, kcv)
+
+
+def _session_copy(kek: Any) -> Any:
+    """The master KEK as this session uses it: a session-object copy of the token object.
+
+    SoftHSM re-checks a token object's file at every use (an open, a stat and two ``fcntl``
+    locks per wrap or unwrap: a wrap took 165 µs with the token object and 128 µs with the
+    copy, an unwrap 225 and 164 µs, measured 2026-11-28); a session object is in memory.
+    The copy has the same value and the same protection (sensitive, not extractable),
+    another label (so look-ups by the master KEK's label still find the token object
+    alone) and dies with the session. A module that refuses ``C_CopyObject`` gets the
+    token object itself."""
+    try:
+        return kek.copy({Attribute.TOKEN: False, Attribute.LABEL: f"{MASTER_KEK_LABEL}-session"})
+    except pkcs11.PKCS11Error as exc:
+        log.info("master KEK used from the token (no session copy: %s)", type(exc).__name__)
+        return kek
 
 
 @functools.cache
