@@ -246,6 +246,30 @@ async def lifecycle_request(klm: KlmClient, data: Any) -> CloudEvent:
     return await klm.request(data, subject=data.key_id)
 
 
+async def test_a_new_key_does_not_notify_the_usage_cache_a_rotation_does(
+        klm: KlmClient, settings: KlmSettings) -> None:
+    """klm_key_changed makes every keygen's usage cache forget a key. A key's first version
+    is inserted with the key, before any cache can hold it, so it does not notify
+    (migrations/004); a new version (rotation) does."""
+    heard: list[str] = []
+    conn = await asyncpg.connect(settings.service_dsn("keygen"))
+    try:
+        await conn.add_listener("klm_key_changed", lambda *args: heard.append(args[3]))
+        key = await new_key(klm, "AES-256")
+        await klm.encrypt(key["key_id"], b"x", owner=OWNER)  # cached by keygen's usage side
+        await asyncio.sleep(0.5)
+        assert key["key_id"] not in heard
+        await lifecycle_request(klm, RotateKey(key_id=key["key_id"]))
+        for _ in range(50):
+            if key["key_id"] in heard:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the rotation did not notify klm_key_changed")
+    finally:
+        await conn.close()
+
+
 async def test_rotation_old_ciphertexts_decrypt_new_ones_use_the_new_version(
         klm: KlmClient) -> None:
     key = await new_key(klm, "AES-256")

@@ -130,6 +130,9 @@ async def _write_restores(conn: asyncpg.Connection, restores: Sequence[KeyRestor
               SET wrapped = EXCLUDED.wrapped, kek_label = EXCLUDED.kek_label
             WHERE key_versions.destroyed_at IS NULL""",
         [_version_row(v) for r in restores for v in r.versions])
+    # a first version inserted does not notify (migrations/004): forget the restored keys
+    await conn.execute("SELECT pg_notify('klm_key_changed', k) FROM unnest($1::text[]) k",
+                       sorted({r.versions[0].material.key_id for r in restores}))
 
 
 def _version_row(v: RestoredVersion) -> tuple[object, ...]:
