@@ -188,6 +188,26 @@ async def test_kafka_failure_leaves_rows_to_the_relay_which_keeps_the_order(
     assert [v for _, v, _, _ in producer.sent][-1] == b"v42"
 
 
+async def test_rows_acknowledged_within_the_delete_interval_are_deleted_together() -> None:
+    pool, producer = FakePool(), FakeProducer()
+    relay = OutboxRelay(pool, producer, idle_poll=0.01,  # type: ignore[arg-type]
+                        delete_interval=0.2)
+    relay.start()
+    await asyncio.sleep(0.05)  # its first round: nothing left behind
+    try:
+        for seq in range(1, 6):  # five one-row commits, one every 10 ms
+            committed = rows(pool, seq)
+            assert relay.claim(committed)
+            relay.publish_committed(committed)
+            await asyncio.sleep(0.01)
+        await settle(relay)
+        assert len(producer.sent) == 5
+        assert pool.deletes == [[1], [2, 3, 4, 5]]  # the first at once, then one per interval
+        assert pool.table == {} and relay.published == 5
+    finally:
+        await relay.stop()
+
+
 async def test_failed_delete_leaves_rows_for_a_republish_with_the_same_ids(
         relay: tuple[OutboxRelay, FakePool, FakeProducer]) -> None:
     relay_, pool, producer = relay

@@ -74,6 +74,13 @@ class FakeUnit:
         self.new_keys.extend(k for k in keys if k.plan.key_id not in existing)
         return {k.plan.request.id for k in keys if k.plan.key_id in existing}
 
+    async def save_new(self, request_ids: Sequence[str], keys: Sequence[NewKey],
+                       answers: Sequence[CloudEvent]) -> set[str]:
+        claimed = await self.claim(request_ids)
+        claimed -= await self.insert_keys([k for k in keys if k.plan.request.id in claimed])
+        await self.queue([a for a in answers if a.correlationid in claimed])
+        return claimed
+
     async def lock_keys(self, key_ids: Sequence[str]) -> dict[str, KeyRecord]:
         return {k: self.keystore.records[k] for k in key_ids if k in self.keystore.records}
 

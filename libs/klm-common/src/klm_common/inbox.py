@@ -13,6 +13,11 @@ from collections.abc import Sequence
 
 import asyncpg
 
+#: record the ids of the ``{ids}`` text[] parameter; the new ones are returned (also a CTE
+#: of larger statements: keygen's ``adapters/keystore.py`` ``_SAVE_NEW``)
+CLAIM = ("INSERT INTO inbox (event_id) SELECT unnest({ids}::text[]) "
+         "ON CONFLICT (event_id) DO NOTHING RETURNING event_id")
+
 
 async def already_processed(conn: asyncpg.Connection | asyncpg.Pool,
                             event_ids: Sequence[str]) -> set[str]:
@@ -32,7 +37,5 @@ async def claim(conn: asyncpg.Connection, event_ids: Sequence[str]) -> set[str]:
     """
     if not event_ids:
         return set()
-    rows = await conn.fetch(
-        "INSERT INTO inbox (event_id) SELECT unnest($1::text[]) "
-        "ON CONFLICT (event_id) DO NOTHING RETURNING event_id", list(event_ids))
+    rows = await conn.fetch(CLAIM.format(ids="$1"), list(event_ids))
     return {r["event_id"] for r in rows}

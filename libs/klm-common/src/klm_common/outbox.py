@@ -78,32 +78,59 @@ class OutboxRow:
     headers: str
 
 
+@dataclass(frozen=True, slots=True)
+class OutboxBatch:
+    """Events serialised for the outbox, one list per column, before they are inserted (by
+    :func:`add_to_outbox`, or inside a larger statement: keygen's
+    ``adapters/keystore.py`` ``_SAVE_NEW``)."""
+
+    topic: str
+    events: Sequence[CloudEvent]
+    keys: list[bytes | None]
+    values: list[bytes]
+    #: per event: content type and the trace context to continue — that of the inbound
+    #: record the event answers when a batch consumer is handling one (see
+    #: :mod:`klm_common.inbound_telemetry`), else the current one
+    headers: list[str]
+
+    @classmethod
+    def of(cls, topic: str, events: Sequence[CloudEvent]) -> OutboxBatch:
+        batch = inbound_telemetry.current_batch()
+        current = _headers_json(None)
+        headers = []
+        for ev in events:
+            context = batch.context_for(ev) if batch is not None else None
+            headers.append(current if context is None else _headers_json(context))
+        return cls(topic, events, [ev.partition_key for ev in events],
+                   [ev.to_bytes() for ev in events], headers)
+
+    def written(self, seqs: Sequence[int], kept: Sequence[int] | None = None
+                ) -> list[OutboxRow]:
+        """The rows as written: the events at positions ``kept`` (all by default), in order,
+        got ``seqs`` (drawn in insertion order). Their requests are answered (telemetry)."""
+        kept = range(len(self.events)) if kept is None else kept
+        if len(seqs) != len(kept):
+            raise AssertionError(f"{len(seqs)} outbox rows written for {len(kept)} events")
+        inbound_telemetry.note_answers(self.events[i] for i in kept)
+        return [OutboxRow(seq, self.topic, self.keys[i], self.values[i], self.headers[i])
+                for seq, i in zip(sorted(seqs), kept, strict=True)]
+
+
 async def add_to_outbox(conn: asyncpg.Connection, topic: str,
                         events: Sequence[CloudEvent]) -> list[OutboxRow]:
-    """Queue ``events`` for ``topic`` in the caller's transaction, with the trace context:
-    that of the inbound record the event answers when a batch consumer is handling one
-    (see :mod:`klm_common.inbound_telemetry`), else the current one. Returns the rows
-    written, in the events' order (for :meth:`OutboxRelay.claim`)."""
+    """Queue ``events`` for ``topic`` in the caller's transaction, with the trace context
+    (:class:`OutboxBatch`). Returns the rows written, in the events' order (for
+    :meth:`OutboxRelay.claim`)."""
     if not events:
         return []
-    batch = inbound_telemetry.current_batch()
-    current = _headers_json(None)
-    keys, values, headers = [], [], []
-    for ev in events:
-        context = batch.context_for(ev) if batch is not None else None
-        keys.append(ev.partition_key)
-        values.append(ev.to_bytes())
-        headers.append(current if context is None else _headers_json(context))
+    batch = OutboxBatch.of(topic, events)
     # one statement for the batch (unnest keeps the order, so seq follows the events' order)
     seqs = await conn.fetch(
         "INSERT INTO outbox (topic, key, value, headers) "
         "SELECT $1, k, v, h::jsonb FROM unnest($2::bytea[], $3::bytea[], $4::text[]) "
         "WITH ORDINALITY AS e(k, v, h, n) ORDER BY n RETURNING seq",
-        topic, keys, values, headers)
-    inbound_telemetry.note_answers(events)
-    ordered = sorted(r["seq"] for r in seqs)  # drawn in insertion order
-    return [OutboxRow(seq, topic, key, value, header)
-            for seq, key, value, header in zip(ordered, keys, values, headers, strict=True)]
+        topic, batch.keys, batch.values, batch.headers)
+    return batch.written([r["seq"] for r in seqs])
 
 
 def _headers_json(context: Context | None) -> str:
@@ -144,11 +171,17 @@ class OutboxRelay(BackgroundTask):
     task_name = "outbox-relay"
 
     def __init__(self, pool: asyncpg.Pool, producer: AIOKafkaProducer, *, batch: int = 1000,
-                 idle_poll: float = 0.5) -> None:
+                 idle_poll: float = 0.5, delete_interval: float = 0.02) -> None:
         self._pool = pool
         self._producer = producer
         self._batch = batch
         self._idle_poll = idle_poll
+        #: rows published from memory are deleted at most once per interval (all that were
+        #: acknowledged meanwhile in one statement): with one-request batches a delete per
+        #: batch was one Postgres round trip in seven
+        self._delete_interval = delete_interval
+        self._acknowledged: list[OutboxRow] = []
+        self._delete_wanted = asyncio.Event()
         self._wakeup = Wakeup()
         self.published = 0
         self.backlog = 0
@@ -234,11 +267,10 @@ class OutboxRelay(BackgroundTask):
             await self._outgoing_ready.wait()
 
     async def _ack_direct(self) -> None:
-        """Wait for the acknowledgements in order; delete every acknowledged row gathered
-        meanwhile in one statement."""
+        """Wait for the acknowledgements in order; hand the acknowledged rows to
+        :meth:`_delete_acknowledged`."""
         while True:
             self._acks_ready.clear()
-            done: list[OutboxRow] = []
             while self._in_flight:
                 flight = self._in_flight[0]
                 try:
@@ -246,7 +278,8 @@ class OutboxRelay(BackgroundTask):
                 except Exception as exc:
                     self._leave_to_relay(flight.rows, exc)
                 else:
-                    done.extend(flight.rows)
+                    self._acknowledged.extend(flight.rows)
+                    self._delete_wanted.set()
                     try:  # metrics never stop the deletes (claimed rows would stay claimed)
                         self._observe(len(flight.rows), time.perf_counter() - flight.started)
                     except Exception:
@@ -255,9 +288,22 @@ class OutboxRelay(BackgroundTask):
                     for span in flight.spans:
                         span.end()
                     self._in_flight.popleft()
-            if done:
-                await self._delete_published(done)
             await self._acks_ready.wait()
+
+    async def _delete_acknowledged(self) -> None:
+        """Delete the acknowledged rows, all gathered since the last delete in one
+        statement, at most once per ``delete_interval``."""
+        loop = asyncio.get_running_loop()
+        last = 0.0
+        while True:
+            await self._delete_wanted.wait()
+            if (wait := last + self._delete_interval - loop.time()) > 0:
+                await asyncio.sleep(wait)
+            self._delete_wanted.clear()
+            rows, self._acknowledged = self._acknowledged, []
+            last = loop.time()
+            if rows:
+                await self._delete_published(rows)
 
     async def _delete_published(self, rows: Sequence[OutboxRow]) -> None:
         seqs = [r.seq for r in rows]
@@ -299,7 +345,8 @@ class OutboxRelay(BackgroundTask):
         loop = asyncio.get_running_loop()
         self._direct_tasks = [
             loop.create_task(self._send_direct(), name="outbox-direct-send"),
-            loop.create_task(self._ack_direct(), name="outbox-direct-ack")]
+            loop.create_task(self._ack_direct(), name="outbox-direct-ack"),
+            loop.create_task(self._delete_acknowledged(), name="outbox-direct-delete")]
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Publish what was committed, then stop: the rows handed over, then whatever the

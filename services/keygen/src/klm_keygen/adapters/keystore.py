@@ -26,7 +26,7 @@ from klm_common import inbox
 from klm_common.algorithms import Protection
 from klm_common.envelope import CloudEvent
 from klm_common.errors import StoreUnavailable
-from klm_common.outbox import OutboxRelay, OutboxRow, add_to_outbox
+from klm_common.outbox import OutboxBatch, OutboxRelay, OutboxRow, add_to_outbox
 from klm_common.states import TERMINAL_STATES, KeyState
 from klm_keygen.adapters.hsm import MASTER_KEK_LABEL
 from klm_keygen.domain.generation import NewKey
@@ -41,6 +41,9 @@ class KeystoreUnit(Protocol):
     async def claim(self, request_ids: Sequence[str]) -> set[str]: ...
 
     async def insert_keys(self, keys: Sequence[NewKey]) -> set[str]: ...
+
+    async def save_new(self, request_ids: Sequence[str], keys: Sequence[NewKey],
+                       answers: Sequence[CloudEvent]) -> set[str]: ...
 
     async def lock_keys(self, key_ids: Sequence[str]) -> dict[str, KeyRecord]: ...
 
@@ -93,16 +96,6 @@ class PgKeystore:
         except _UNREACHABLE as exc:
             raise StoreUnavailable(f"keystore unreachable: {type(exc).__name__}") from exc
 
-    async def save(self, request_ids: Sequence[str], keys: Sequence[NewKey],
-                   answers: Sequence[CloudEvent]) -> set[str]:
-        """Claim the requests, store their keys and queue their answers; return the claimed
-        ids. Keys and answers of a request claimed meanwhile by someone else are dropped."""
-        async with self.unit() as unit:
-            claimed = await unit.claim(request_ids)
-            claimed -= await unit.insert_keys([k for k in keys if k.plan.request.id in claimed])
-            await unit.queue([a for a in answers if a.correlationid in claimed])
-            return claimed
-
     async def known_object_ids(self, object_ids: Sequence[bytes]) -> set[bytes]:
         """The CKA_IDs among ``object_ids`` that belong to a version not yet destroyed."""
         try:
@@ -140,8 +133,32 @@ class PgUnit:
         """Insert new keys; return the request ids whose key already exists (see below)."""
         return await _insert_keys(self._conn, keys)
 
+    async def save_new(self, request_ids: Sequence[str], keys: Sequence[NewKey],
+                       answers: Sequence[CloudEvent]) -> set[str]:
+        """:meth:`claim`, :meth:`insert_keys` of the claimed requests' keys and
+        :meth:`queue` of the answers of those whose key was inserted, in ONE statement (a
+        chunk that only generates: one round trip instead of three). Returns the claimed ids
+        less those whose key existed already, as ``claim() - insert_keys()`` would."""
+        if not request_ids:
+            return set()
+        batch = OutboxBatch.of(self._topic, answers)
+        key_of = {k.plan.request.id: k.plan.key_id for k in keys}
+        rows = await self._conn.fetch(
+            _SAVE_NEW, list(request_ids), *_key_columns(keys), self._topic,
+            [a.correlationid for a in answers],
+            [key_of.get(a.correlationid or "") for a in answers],
+            batch.keys, batch.values, batch.headers)
+        claimed = {r["claimed"] for r in rows if r["claimed"] is not None}
+        inserted = {r["new_key"] for r in rows if r["new_key"] is not None}
+        claimed -= {request for request, key in key_of.items() if key not in inserted}
+        kept = [i for i, a in enumerate(answers) if a.correlationid in claimed]
+        self._hand_over(batch.written([r["seq"] for r in rows if r["seq"] is not None], kept))
+        return claimed
+
     async def queue(self, answers: Sequence[CloudEvent]) -> None:
-        rows = await add_to_outbox(self._conn, self._topic, answers)
+        self._hand_over(await add_to_outbox(self._conn, self._topic, answers))
+
+    def _hand_over(self, rows: Sequence[OutboxRow]) -> None:
         if self._relay is not None and self._relay.claim(rows):
             self._claimed.extend(rows)
         elif rows:
@@ -225,19 +242,21 @@ async def _insert_versions(conn: asyncpg.Connection, key_id: str,
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)""", rows)
 
 
-#: new keys and their first versions in ONE statement (one array per column): keys whose key
-#: id exists already are skipped, with their version; the key ids inserted are returned
-_INSERT_KEYS = """
-    WITH input AS (
-        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[],
-                             $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
-                             $11::text[], $12::text[], $13::text[], $14::timestamptz[],
-                             $15::bytea[], $16::text[], $17::bytea[], $18::text[], $19::bytea[],
-                             $20::timestamptz[])
+def _key_input(first: int) -> str:
+    """New keys and their first versions as rows, from one array parameter per column
+    (parameters $first to $first+19, in :func:`_key_columns`' order)."""
+    types = ["text", "text", "text", "text", "int4", "text", "text", "text", "text", "text",
+             "text", "text", "text", "timestamptz", "bytea", "text", "bytea", "text", "bytea",
+             "timestamptz"]
+    arrays = ", ".join(f"${first + n}::{t}[]" for n, t in enumerate(types))
+    return f"""SELECT * FROM unnest({arrays})
             AS i(key_id, owner, name, algorithm, size, curve, usages, protection, policy,
                  profile, labels, state, request_id, created_at, wrapped, kek_label,
-                 public_der, kcv, hsm_object_id, activated_at)
-    ), new_keys AS (
+                 public_der, kcv, hsm_object_id, activated_at)"""  # noqa: S608 - constants
+
+
+#: keys whose key id exists already are skipped, with their version
+_NEW_KEYS = """new_keys AS (
         INSERT INTO keys (key_id, owner, name, algorithm, size, curve, usages, protection,
                           policy, profile, labels, state, primary_version, request_id,
                           created_at, updated_at)
@@ -247,13 +266,38 @@ _INSERT_KEYS = """
         FROM input
         ON CONFLICT (key_id) DO NOTHING
         RETURNING key_id
-    )
-    INSERT INTO key_versions (key_id, version, state, wrapped, kek_label, public_der, kcv,
-                              hsm_object_id, created_at, activated_at)
+    )"""
+_NEW_VERSIONS = """INSERT INTO key_versions (key_id, version, state, wrapped, kek_label,
+                              public_der, kcv, hsm_object_id, created_at, activated_at)
     SELECT i.key_id, 1, i.state, i.wrapped, i.kek_label, i.public_der, i.kcv,
            i.hsm_object_id, i.created_at, i.activated_at
     FROM input i JOIN new_keys USING (key_id)
     RETURNING key_id"""
+
+#: new keys and their first versions in ONE statement; the key ids inserted are returned
+_INSERT_KEYS = f"WITH input AS ({_key_input(1)}), {_NEW_KEYS} {_NEW_VERSIONS}"
+
+#: PgUnit.save_new: inbox claim, new keys and versions of the claimed requests, and the
+#: answers of the claimed requests whose key (if they made one) was inserted — in one
+#: statement. Rows out: the claimed ids, the key ids inserted, the outbox seqs.
+_SAVE_NEW = f"""
+    WITH claimed AS ({inbox.CLAIM.format(ids="$1")}),
+    input AS ({_key_input(2)}
+              WHERE i.request_id IN (SELECT event_id FROM claimed)),
+    {_NEW_KEYS},
+    new_versions AS ({_NEW_VERSIONS}),
+    queued AS (
+        INSERT INTO outbox (topic, key, value, headers)
+        SELECT $22, a.k, a.v, a.h::jsonb
+        FROM unnest($23::text[], $24::text[], $25::bytea[], $26::bytea[], $27::text[])
+             WITH ORDINALITY AS a(request_id, key_id, k, v, h, n)
+        WHERE a.request_id IN (SELECT event_id FROM claimed)
+          AND (a.key_id IS NULL OR a.key_id IN (SELECT key_id FROM new_keys))
+        ORDER BY a.n
+        RETURNING seq)
+    SELECT event_id AS claimed, NULL AS new_key, NULL::bigint AS seq FROM claimed
+    UNION ALL SELECT NULL, key_id, NULL FROM new_keys
+    UNION ALL SELECT NULL, NULL, seq FROM queued"""  # noqa: S608 - composed of constants
 
 
 async def _insert_keys(conn: asyncpg.Connection, keys: Sequence[NewKey]) -> set[str]:
@@ -264,6 +308,12 @@ async def _insert_keys(conn: asyncpg.Connection, keys: Sequence[NewKey]) -> set[
     One statement for the whole chunk (was: a look-up and two ``executemany``)."""
     if not keys:
         return set()
+    inserted = {r["key_id"] for r in await conn.fetch(_INSERT_KEYS, *_key_columns(keys))}
+    return {k.plan.request.id for k in keys if k.plan.key_id not in inserted}
+
+
+def _key_columns(keys: Sequence[NewKey]) -> list[list[object]]:
+    """The parameters of :func:`_key_input`: one list per column."""
     columns: list[list[object]] = [[] for _ in range(20)]
     for k in keys:
         plan, data, spec, material = k.plan, k.plan.data, k.plan.spec, k.material
@@ -276,5 +326,4 @@ async def _insert_keys(conn: asyncpg.Connection, keys: Sequence[NewKey]) -> set[
                k.created_at if k.state.value == "active" else None)
         for column, value in zip(columns, row, strict=True):
             column.append(value)
-    inserted = {r["key_id"] for r in await conn.fetch(_INSERT_KEYS, *columns)}
-    return {k.plan.request.id for k in keys if k.plan.key_id not in inserted}
+    return columns

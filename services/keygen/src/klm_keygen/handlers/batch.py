@@ -230,13 +230,17 @@ async def _commit(chunk: Chunk, deps: Deps, routes: Routes,
     result = chunk.result
     at = deps.clock()
     async with deps.keystore.unit() as unit:
-        claimed = await unit.claim([ev.id for ev in chunk.handled])
-        claimed -= await unit.insert_keys(
-            [k for k in result.keys if k.plan.request.id in claimed])
-        mine = [(ev, data) for ev, data in chunk.steps if ev.id in claimed]
-        ctx = Context(deps.hsm, at, deps.day_seconds, tenants, deps.policy, deps.csrs)
-        await apply_key_steps(unit, mine, routes, ctx, result)
-        await unit.queue([a for a in result.answers if a.correlationid in claimed])
+        if not chunk.steps:  # only new keys (and refusals): one statement
+            claimed = await unit.save_new([ev.id for ev in chunk.handled], result.keys,
+                                          result.answers)
+        else:
+            claimed = await unit.claim([ev.id for ev in chunk.handled])
+            claimed -= await unit.insert_keys(
+                [k for k in result.keys if k.plan.request.id in claimed])
+            mine = [(ev, data) for ev, data in chunk.steps if ev.id in claimed]
+            ctx = Context(deps.hsm, at, deps.day_seconds, tenants, deps.policy, deps.csrs)
+            await apply_key_steps(unit, mine, routes, ctx, result)
+            await unit.queue([a for a in result.answers if a.correlationid in claimed])
     deps.on_commit()
     _count(deps, result, claimed)
 
