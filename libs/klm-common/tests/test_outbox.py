@@ -21,6 +21,8 @@ class FakeConn:
     def __init__(self, table: dict[int, OutboxRow]) -> None:
         self.table = table
         self.excluded: list[list[int]] = []
+        #: run while the relay's read is on its way (after its exclusion list was sent)
+        self.during_read: Any = None
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
@@ -30,6 +32,9 @@ class FakeConn:
         assert "relay_lock" in query
         _, limit, claimed = args
         self.excluded.append(sorted(claimed))
+        if self.during_read is not None:
+            during, self.during_read = self.during_read, None
+            await during()
         rows = [r for seq, r in sorted(self.table.items()) if seq not in claimed][:limit]
         if not rows:
             return [{"held": True, "seq": None}]
@@ -204,6 +209,35 @@ async def test_rows_acknowledged_within_the_delete_interval_are_deleted_together
         assert len(producer.sent) == 5
         assert pool.deletes == [[1], [2, 3, 4, 5]]  # the first at once, then one per interval
         assert pool.table == {} and relay.published == 5
+    finally:
+        await relay.stop()
+
+
+@pytest.mark.parametrize("settled_meanwhile", [False, True])
+async def test_rows_claimed_after_the_relay_sent_its_read_are_not_published_twice(
+        settled_meanwhile: bool) -> None:
+    """A unit claims and commits rows while a relay round's read is on its way (the read's
+    snapshot sees them, its exclusion list does not): the relay leaves them to the direct
+    path, whether they are still claimed or already published and deleted by then."""
+    pool, producer = FakePool(), FakeProducer()
+    relay = OutboxRelay(pool, producer, idle_poll=10.0)  # type: ignore[arg-type]
+    relay.start()
+    try:
+        await asyncio.sleep(0.05)  # its first round: nothing left behind
+        assert await relay.relay_once() == 0
+
+        async def a_unit_commits() -> None:
+            committed = rows(pool, 7)
+            assert relay.claim(committed)
+            relay.publish_committed(committed)
+            if settled_meanwhile:
+                await relay.drain(timeout=2.0)
+                pool.table[7] = committed[0]  # the read's snapshot still holds the row
+
+        pool.conn.during_read = a_unit_commits
+        assert await relay.relay_once() == 0
+        await settle(relay)
+        assert [v for _, v, _, _ in producer.sent] == [b"v7"]
     finally:
         await relay.stop()
 

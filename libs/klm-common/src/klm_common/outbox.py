@@ -182,6 +182,8 @@ class OutboxRelay(BackgroundTask):
         self._delete_interval = delete_interval
         self._acknowledged: list[OutboxRow] = []
         self._delete_wanted = asyncio.Event()
+        #: per relay round in progress: the seqs the direct path settled meanwhile
+        self._settled_in_rounds: list[set[int]] = []
         self._wakeup = Wakeup()
         self.published = 0
         self.backlog = 0
@@ -316,6 +318,8 @@ class OutboxRelay(BackgroundTask):
             self.wake()
         finally:
             self._claimed.difference_update(seqs)
+            for round_settled in self._settled_in_rounds:
+                round_settled.update(seqs)
             self._settled.set()
         self.published += len(rows)
 
@@ -396,12 +400,24 @@ class OutboxRelay(BackgroundTask):
     async def relay_once(self) -> int:
         """Publish one batch; return how many rows were moved."""
         left_behind = self._left_behind
+        settled: set[int] = set()
+        self._settled_in_rounds.append(settled)
+        try:
+            return await self._relay_round(left_behind, settled)
+        finally:
+            self._settled_in_rounds.remove(settled)
+
+    async def _relay_round(self, left_behind: int, settled: set[int]) -> int:
         async with self._pool.acquire() as conn, conn.transaction():
             # one round trip: take the relay lock, and read a batch only if we got it
             # (without the rows this process publishes from memory)
             read = await conn.fetch(_LOCKED_BATCH, RELAY_LOCK_ID, self._batch,
                                     list(self._claimed))
-            rows = [r for r in read if r["seq"] is not None]
+            # a unit may have claimed rows after that list was sent and committed them
+            # before the read's snapshot: they are still claimed now, or already published
+            # and deleted (settled) meanwhile — either way not the relay's (else twice)
+            rows = [r for r in read if r["seq"] is not None and r["seq"] not in self._claimed
+                    and r["seq"] not in settled]
             if not rows:
                 if self.backlog:
                     self.backlog = 0
