@@ -6,10 +6,11 @@ generate its new keys (one HSM call) → ONE Postgres transaction: claim the ids
 new keys, lock the existing keys the chunk changes, apply the key handlers round by round
 (HSM work of a round in one call each), store the keys' next state, queue every answer →
 commit (a chunk with no step on an existing key: claim, insert and queue in one statement,
-``KeystoreUnit.save_new``). The next chunk's keys are generated while a chunk commits. Offsets are committed
-by the caller once every chunk of the batch is. On ``klm.requests`` the subscribers are
-pipelined (:mod:`.pipeline`): the next batch's keys are generated while this one commits,
-its transaction follows this one's, and offsets are committed once both are durable.
+``KeystoreUnit.save_new``). The next chunk's keys are generated while a chunk commits.
+Offsets are committed by the caller once every chunk of the batch is. On ``klm.requests``
+the subscribers are pipelined (:mod:`.pipeline`): the next batch's keys are generated while
+this one commits, its transaction follows this one's, and offsets are committed once both
+are durable.
 
 A crash anywhere before the commit leaves nothing: session objects die with the process,
 resident objects made meanwhile are orphans that the start-up sweep destroys, and the
