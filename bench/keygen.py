@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))  # the integration harness starts services as proc
 
 from tests.integration.harness import (  # noqa: E402
     ServiceProcess,
+    close_topics,
     local_stack_env,
     open_topics,
     stack_login,
@@ -103,6 +104,7 @@ async def create_namespace(stack: dict[str, str]) -> Namespace:
 
 
 async def drop_namespace(ns: Namespace, stack: dict[str, str]) -> None:
+    await close_topics(ns.settings)  # its topics and Kafka ACLs, as the tests do
     conn = await asyncpg.connect(stack["KLM_PG_ADMIN_DSN"])
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{ns.name}" WITH (FORCE)')
