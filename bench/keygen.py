@@ -18,23 +18,19 @@ import json
 import os
 import platform
 import re
-import secrets
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pkcs11
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from benchlib import CpuMeter
+from benchlib import CpuMeter, KlmNamespace
 from pkcs11 import Attribute, KeyType, Mechanism
 from pkcs11.util.ec import encode_named_curve_parameters
 
@@ -43,16 +39,11 @@ sys.path.insert(0, str(REPO))  # the integration harness starts services as proc
 
 from tests.integration.harness import (  # noqa: E402
     ServiceProcess,
-    close_topics,
-    local_stack_env,
-    open_topics,
     stack_login,
 )
 
-from klm_common.db import provision  # noqa: E402
 from klm_common.envelope import make_event  # noqa: E402
 from klm_common.events import GenerateKey  # noqa: E402
-from klm_common.settings import KlmSettings  # noqa: E402
 from klm_common.topics import Topics  # noqa: E402
 
 ALGORITHMS = {"AES-256": {"algorithm": "AES-256"},
@@ -61,64 +52,8 @@ ALGORITHMS = {"AES-256": {"algorithm": "AES-256"},
 P256_OID = "1.2.840.10045.3.1.7"
 
 
-# ---- namespace ------------------------------------------------------------------------------
-@dataclass
-class Namespace:
-    name: str
-    env: dict[str, str]
-    settings: KlmSettings
-    folder: Path
-
-
-async def create_namespace(stack: dict[str, str]) -> Namespace:
-    name = f"bench{uuid.uuid4().hex[:8]}"
-    folder = Path(tempfile.mkdtemp(prefix="klm-bench-"))
-    pin = secrets.token_hex(8)
-    (folder / "pin").write_text(pin)
-    await asyncio.to_thread(
-        subprocess.run, ["softhsm2-util", "--init-token", "--free", "--label", name, "--pin",
-                         pin, "--so-pin", secrets.token_hex(8)],
-        check=True, capture_output=True,
-        env={**os.environ, "SOFTHSM2_CONF": stack["SOFTHSM2_CONF"]})
-    admin = stack["KLM_PG_ADMIN_DSN"]
-    base = admin.rsplit("/", 1)[0].split("@", 1)[1]
-    env = {"KLM_HOME": stack.get("KLM_HOME", str(REPO / ".klm")),
-           "KLM_KAFKA_BOOTSTRAP": stack["KLM_KAFKA_BOOTSTRAP"],
-           "KLM_PG_ADMIN_DSN": admin.rsplit("/", 1)[0] + f"/{name}",
-           "KLM_PG_DSN": f"postgresql://{base}/{name}", "KLM_TOPIC_PREFIX": f"{name}.",
-           "KLM_HSM_MODULE": stack["KLM_HSM_MODULE"], "SOFTHSM2_CONF": stack["SOFTHSM2_CONF"],
-           "KLM_HSM_TOKEN_LABEL": name, "KLM_HSM_PIN_FILE": str(folder / "pin")}
-    conn = await asyncpg.connect(admin)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    settings = KlmSettings(
-        home=Path(env["KLM_HOME"]), kafka_bootstrap=env["KLM_KAFKA_BOOTSTRAP"],
-        pg_dsn=env["KLM_PG_DSN"], pg_admin_dsn=env["KLM_PG_ADMIN_DSN"],
-        topic_prefix=env["KLM_TOPIC_PREFIX"], hsm_module=env["KLM_HSM_MODULE"],
-        hsm_token_label=name, hsm_pin_file=folder / "pin")
-    await provision(settings)
-    await open_topics(settings)
-    return Namespace(name, env, settings, folder)
-
-
-async def drop_namespace(ns: Namespace, stack: dict[str, str]) -> None:
-    await close_topics(ns.settings)  # its topics and Kafka ACLs, as the tests do
-    conn = await asyncpg.connect(stack["KLM_PG_ADMIN_DSN"])
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{ns.name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-    await asyncio.to_thread(
-        subprocess.run, ["softhsm2-util", "--delete-token", "--token", ns.name],
-        capture_output=True, check=False,
-        env={**os.environ, "SOFTHSM2_CONF": stack["SOFTHSM2_CONF"]})
-    shutil.rmtree(ns.folder, ignore_errors=True)
-
-
 # ---- raw SoftHSM ----------------------------------------------------------------------------
-def raw_rates(ns: Namespace, seconds: float, windows: int = 3
+def raw_rates(ns: KlmNamespace, seconds: float, windows: int = 3
               ) -> dict[str, tuple[float, float]]:
     """Per algorithm: (generate/s, generate+KWP-wrap/s) of session keys, one thread; the
     best of ``windows`` windows of ``seconds``, so that another process's burst on this
@@ -127,7 +62,7 @@ def raw_rates(ns: Namespace, seconds: float, windows: int = 3
     os.environ["SOFTHSM2_CONF"] = ns.env["SOFTHSM2_CONF"]
     lib = pkcs11.lib(ns.env["KLM_HSM_MODULE"])
     token = lib.get_token(token_label=ns.name)
-    with token.open(rw=True, user_pin=(ns.folder / "pin").read_text()) as session:
+    with token.open(rw=True, user_pin=Path(ns.env["KLM_HSM_PIN_FILE"]).read_text()) as session:
         kek = session.generate_key(KeyType.AES, 256, template={
             Attribute.WRAP: True, Attribute.UNWRAP: True, Attribute.EXTRACTABLE: False})
         params = session.create_domain_parameters(
@@ -438,9 +373,7 @@ class Options:
 
 
 async def run(opts: Options) -> None:
-    stack = {**local_stack_env(REPO), **{k: v for k, v in os.environ.items()
-                                         if k.startswith(("KLM_", "SOFTHSM2"))}}
-    ns = await create_namespace(stack)
+    ns = await KlmNamespace().create()
     logs = Path(tempfile.gettempdir()) / "klm-bench-logs"
     logs.mkdir(exist_ok=True)
     keygen = ServiceProcess("keygen", REPO, {**ns.env, **(opts.keygen_env or {})}, logs)
@@ -458,7 +391,7 @@ async def run(opts: Options) -> None:
             profiler.send_signal(2)
             profiler.wait(timeout=60)
         keygen.terminate()
-        await drop_namespace(ns, stack)
+        await ns.drop()
     table = report(rows, bursts)
     print("\n".join(table))
     command = "eval \"$(infra/stack.sh env)\" && .venv/bin/python bench/keygen.py" + \
@@ -467,14 +400,15 @@ async def run(opts: Options) -> None:
         write_section(table, machine_facts(), command, rows)
 
 
-async def measure_pipeline(ns: Namespace, keygen: ServiceProcess,
+async def measure_pipeline(ns: KlmNamespace, keygen: ServiceProcess,
                            raw: dict[str, tuple[float, float]], opts: Options
                            ) -> tuple[list[Any], list[Any]]:
     """Per algorithm: the burst maximum (with CPU use) and the paced latencies."""
-    topics = Topics(ns.settings.topic_prefix)
-    answers = Answers(ns.settings.kafka_bootstrap, topics.lifecycle)
+    settings = ns.settings()
+    topics = Topics(settings.topic_prefix)
+    answers = Answers(settings.kafka_bootstrap, topics.lifecycle)
     await answers.start()
-    producer = AIOKafkaProducer(bootstrap_servers=ns.settings.kafka_bootstrap,
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
                                 enable_idempotence=True, acks="all", linger_ms=1,
                                 **stack_login())
     await producer.start()
